@@ -1,0 +1,8 @@
+"""hf_zero: ZeRO (stages 0-3) for Hugging Face models on torch.distributed."""
+
+from .config import ZeroConfig
+from .engine import ZeroEngine, initialize
+
+__all__ = ["ZeroConfig", "ZeroEngine", "initialize"]
+
+__version__ = "0.1.0"

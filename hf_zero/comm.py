@@ -1,0 +1,209 @@
+"""Collectives: the only module that calls torch.distributed.
+
+Every collective is a free function with an explicit `group=` and `stats=`; it counts what it
+moves into `stats` and returns a `Pending` that the caller waits on (sync calls return an
+already-finished one). World size 1 runs the same functions: with no process group the
+collectives are local copies, and they are still counted, so `comm_stats()` reads the same.
+
+Byte accounting (per rank, the ZeRO paper's convention, DESIGN.md §1):
+- all_reduce of n elements: 2n (a reduce-scatter plus an all-gather)
+- reduce_scatter of an n-element input: n
+- all_gather into an n-element output: n
+So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ.
+
+Backend choice: on gloo a reduce-scatter costs about 1.8x an all-reduce of the same tensor (gloo
+implements it as an all-reduce plus a copy), so `reduce_scatter` there runs an all-reduce and
+slices the owned shard locally. On NCCL it is a true reduce-scatter. Both are counted as the
+reduce-scatter they implement; `CommStats.paths` records which implementation ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CommStats",
+    "Pending",
+    "ProcessGroupInfo",
+    "all_gather",
+    "all_reduce",
+    "reduce_scatter",
+    "all_reduce_scalar",
+    "all_gather_object",
+    "barrier",
+    "resolve_group",
+]
+
+
+@dataclass
+class CommStats:
+    """Bytes and calls per collective kind since the engine started."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: int, path: str | None = None) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        if path is not None:
+            self.paths[kind] = path
+
+    def snapshot(self) -> dict:
+        out = {k: int(v) for k, v in sorted(self.bytes.items())}
+        out["total"] = sum(self.bytes.values())
+        return out
+
+
+@dataclass(frozen=True)
+class ProcessGroupInfo:
+    """The group the engine communicates over. `group is None` with world_size 1 means no
+    process group exists and collectives are local."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world_size: int
+    backend: str
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def resolve_group(group: dist.ProcessGroup | None) -> ProcessGroupInfo:
+    """Describe `group` (default: the world), or a local group of one when torch.distributed
+    is not initialised."""
+    if not dist.is_initialized():
+        if group is not None:
+            raise ValueError("a process group was passed but torch.distributed is not initialised")
+        return ProcessGroupInfo(None, 0, 1, "local")
+    group = group if group is not None else dist.group.WORLD
+    return ProcessGroupInfo(
+        group, dist.get_rank(group), dist.get_world_size(group), dist.get_backend(group)
+    )
+
+
+class Pending:
+    """A collective in flight. `wait()` blocks until it is done, then runs its finishing step
+    (for example the local slice of gloo's reduce-scatter) exactly once."""
+
+    __slots__ = ("_work", "_then", "_done")
+
+    def __init__(self, work=None, then: Callable[[], None] | None = None):
+        self._work, self._then, self._done = work, then, False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        if self._work is not None:
+            self._work.wait()
+        self._done = True
+        if self._then is not None:
+            self._then()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_reduce(
+    tensor: torch.Tensor, *, group: ProcessGroupInfo, stats: CommStats, async_op: bool = False
+) -> Pending:
+    """Sum `tensor` in place across the group."""
+    stats.add("all_reduce", 2 * _nbytes(tensor))
+    if group.group is None:
+        return Pending()
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op)
+    return Pending(work if async_op else None)
+
+
+def reduce_scatter(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool = False,
+) -> Pending:
+    """Sum `input` (1D, world_size * output.numel()) across the group; `output` gets this rank's
+    slice. `input` is clobbered (on gloo it holds the full sum afterwards)."""
+    n = output.numel()
+    if input.numel() != n * group.world_size:
+        raise ValueError(
+            f"reduce_scatter input has {input.numel()} elements, expected "
+            f"{group.world_size} x {n}"
+        )
+    lo = group.rank * n
+
+    def take_slice() -> None:
+        if output.data_ptr() != input[lo : lo + n].data_ptr():
+            output.copy_(input[lo : lo + n])
+
+    if group.group is None:
+        stats.add("reduce_scatter", _nbytes(input), "local")
+        take_slice()
+        return Pending()
+    if group.backend == "nccl":
+        stats.add("reduce_scatter", _nbytes(input), "reduce_scatter_single")
+        work = dist.reduce_scatter_single(
+            output, input, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op
+        )
+        return Pending(work if async_op else None)
+    stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
+    work = dist.all_reduce(input, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op)
+    if not async_op:
+        take_slice()
+        return Pending()
+    return Pending(work, take_slice)
+
+
+def all_gather(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool = False,
+) -> Pending:
+    """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
+    `input` must not alias `output`."""
+    if output.numel() != input.numel() * group.world_size:
+        raise ValueError(
+            f"all_gather output has {output.numel()} elements, expected "
+            f"{group.world_size} x {input.numel()}"
+        )
+    stats.add("all_gather", _nbytes(output))
+    if group.group is None:
+        output.copy_(input)
+        return Pending()
+    work = dist.all_gather_single(output, input, group=group.group, async_op=async_op)
+    return Pending(work if async_op else None)
+
+
+def all_reduce_scalar(
+    value: torch.Tensor, *, group: ProcessGroupInfo, stats: CommStats, op: str = "sum"
+) -> torch.Tensor:
+    """Reduce a small tensor (a norm, an overflow flag) across the group; returns it."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    stats.add("all_reduce", 2 * _nbytes(value))
+    if group.group is not None:
+        dist.all_reduce(value, op=ops[op], group=group.group)
+    return value
+
+
+def all_gather_object(obj, *, group: ProcessGroupInfo) -> list:
+    """Every rank's `obj` (small, picklable), in rank order. Not counted: control traffic."""
+    if group.group is None:
+        return [obj]
+    out = [None] * group.world_size
+    dist.all_gather_object(out, obj, group=group.group)
+    return out
+
+
+def barrier(*, group: ProcessGroupInfo) -> None:
+    if group.group is not None:
+        dist.barrier(group=group.group)

@@ -1,0 +1,172 @@
+"""Engine configuration.
+
+`ZeroConfig` is the one object that says how the engine shards and computes. It validates
+itself on construction, so a bad value fails at `ZeroConfig(...)` or `from_file(...)`, naming the
+field, the value and what is allowed, before any process group or model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ZeroConfig", "MIXED_PRECISION_CHOICES", "STAGES"]
+
+STAGES = (0, 1, 2, 3)
+MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    """How the ZeRO engine partitions model states and computes.
+
+    Stages (DESIGN.md §1): 0 = replicated (DDP semantics), 1 = shard optimizer state and fp32
+    master weights, 2 = also shard gradients, 3 = also shard parameters.
+    """
+
+    stage: int = 2
+    """ZeRO stage: 0, 1, 2 or 3."""
+
+    mixed_precision: str = "no"
+    """Compute precision: "no" (fp32), "bf16" or "fp16". An fp32 master shard is always kept."""
+
+    bucket_size: int = 2**23
+    """Stages 0-2: consecutive units of one param group are packed into one flat gradient bucket
+    until it holds this many elements. A unit is never split, so a unit larger than this is a
+    bucket of its own. Stage 3 always uses one flat buffer per unit and param group."""
+
+    unit_modules: list[str] | None = None
+    """Class names of the modules that form units (stage 3 gathers one unit at a time). Default:
+    the model's `_no_split_modules` (GPT2Block, BertLayer, ...). Everything else is the root unit."""
+
+    gradient_clipping: float | None = None
+    """Clip gradients to this global L2 norm in `step()`. None: no clipping (the norm is still
+    computed and reported as `engine.grad_norm`)."""
+
+    prefetch: bool = True
+    """Stage 3: start the all-gather of the next unit while the current one computes."""
+
+    max_inflight_reductions: int = 2
+    """Stages 2-3: how many gradient buckets may be in flight before the oldest is waited for.
+    Bounds the transient full-gradient memory while keeping communication overlapped."""
+
+    initial_loss_scale: float = 2.0**16
+    """fp16: the dynamic loss scaler's starting scale."""
+
+    loss_scale_growth_interval: int = 2000
+    """fp16: steps without overflow before the scale grows by `loss_scale_growth_factor`."""
+
+    loss_scale_growth_factor: float = 2.0
+    """fp16: factor the scale grows by after `loss_scale_growth_interval` good steps."""
+
+    loss_scale_backoff_factor: float = 0.5
+    """fp16: factor the scale is multiplied by when a step overflows (and is skipped)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, bool) or self.stage not in STAGES:
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
+        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        _require_positive_int("bucket_size", self.bucket_size, "elements per gradient bucket")
+        _require_positive_int("max_inflight_reductions", self.max_inflight_reductions, "buckets")
+        _require_positive_int("loss_scale_growth_interval", self.loss_scale_growth_interval, "steps")
+        if self.unit_modules is not None:
+            if isinstance(self.unit_modules, str) or not all(
+                isinstance(n, str) and n for n in self.unit_modules
+            ):
+                raise ValueError(
+                    "unit_modules must be a list of module class names such as ['GPT2Block'], "
+                    f"got {self.unit_modules!r}"
+                )
+            self.unit_modules = list(self.unit_modules)
+        if self.gradient_clipping is not None and not (
+            _is_number(self.gradient_clipping) and self.gradient_clipping > 0
+        ):
+            raise ValueError(
+                "gradient_clipping must be a positive max global grad norm or None, "
+                f"got {self.gradient_clipping!r}"
+            )
+        if not (_is_number(self.initial_loss_scale) and self.initial_loss_scale > 0):
+            raise ValueError(f"initial_loss_scale must be > 0, got {self.initial_loss_scale!r}")
+        if not (_is_number(self.loss_scale_growth_factor) and self.loss_scale_growth_factor > 1):
+            raise ValueError(
+                f"loss_scale_growth_factor must be > 1, got {self.loss_scale_growth_factor!r}"
+            )
+        if not (_is_number(self.loss_scale_backoff_factor) and 0 < self.loss_scale_backoff_factor < 1):
+            raise ValueError(
+                "loss_scale_backoff_factor must be in (0, 1), "
+                f"got {self.loss_scale_backoff_factor!r}"
+            )
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"prefetch must be true or false, got {self.prefetch!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ZeroConfig:
+        """Build a config from a mapping, rejecting unknown keys by name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must be a mapping of field: value, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(k for k in data if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                f"{source}; allowed keys are: {', '.join(known)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> ZeroConfig:
+        """Load a config from a YAML (.yaml/.yml) or JSON (.json) file.
+
+        The file holds the fields at top level, or under a `zero:` key (so one file can also
+        carry other tools' settings).
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            ValueError: unknown extension, unparsable content, unknown keys or bad values.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ZeRO config file {str(path)!r} does not exist")
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"cannot parse YAML config {str(path)!r}: {e}") from None
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"cannot parse JSON config {str(path)!r}: {e}") from None
+        else:
+            raise ValueError(
+                f"ZeRO config file {str(path)!r} must end in .yaml, .yml or .json, got {suffix!r}"
+            )
+        if data is None:
+            data = {}
+        if isinstance(data, dict) and set(data) == {"zero"}:
+            data = data["zero"]
+        return cls.from_dict(data, source=f"config file {str(path)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_positive_int(field: str, value: Any, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field} must be a positive integer ({unit}), got {value!r}")

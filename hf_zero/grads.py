@@ -1,0 +1,318 @@
+"""Gradient stores: where gradients accumulate and how they are reduced across ranks.
+
+`LocalGrads` (stages 0 and 1): every rank holds full gradients in flat buffers (one per trainable
+flat unit, compute dtype); each `param.grad` is a view into them, so autograd accumulates
+micro-steps in place.
+  - stage 0 (`reduce_in_backward=True`): when a bucket's gradients are all ready, its
+    all-reduce starts from the gradient hook and runs while backward goes on. Under `no_sync()`
+    nothing is sent; the next synchronised backward (or the step) reduces the accumulated sum.
+  - stage 1: nothing is sent during backward. At the accumulation boundary `reduce_for_step`
+    reduce-scatters every bucket once; this rank keeps the summed slice it owns.
+
+`ShardedGrads` (stages 2 and 3): every rank holds only its gradient shard. When a bucket's
+gradients are all ready, the hook packs them into a transient flat buffer, frees each
+`param.grad`, and starts an async reduce-scatter; when it lands, the rank's slice is added to its
+shard and the transient buffer is freed. At most `max_inflight` buckets are in flight, which
+bounds the transient memory. This runs every micro-step, `no_sync()` included.
+
+Ordering: every rank must issue the same collectives in the same order, even if a parameter gets
+no gradient on some rank. `BucketScheduler` launches buckets in one fixed order (reverse layout
+order, the order backward usually produces them); a bucket that is ready early waits for the ones
+before it, and at the end of backward every remaining bucket is launched, missing gradients
+counting as zero.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import comm
+from .partition import FlatUnit, Layout
+
+__all__ = ["BackwardTracker", "BucketScheduler", "LocalGrads", "ShardedGrads"]
+
+
+class BackwardTracker:
+    """Runs the end-of-backward work once per backward pass, after autograd has finished.
+
+    Hooks call `enter()`; the first call of a pass queues `finish` with autograd. If no hook ran
+    (no parameter got a gradient on this rank), the engine calls `finish_if_missed()` so that the
+    collectives still run and every rank stays in step.
+    """
+
+    def __init__(self) -> None:
+        self.finishers: list[Callable[[], None]] = []
+        self._queued = False
+        self.passes = 0
+
+    def enter(self) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def finish(self) -> None:
+        self._queued = False
+        self.passes += 1
+        for f in self.finishers:
+            f()
+
+    def finish_if_missed(self, passes_before: int) -> None:
+        if self.passes == passes_before:
+            self.finish()
+
+
+class BucketScheduler:
+    """Launch one reduction per bucket, in a fixed order, as buckets become ready."""
+
+    def __init__(
+        self,
+        order: list[int],
+        expected: dict[int, int],
+        launch: Callable[[int], object],
+        finish: Callable[[int, object], None],
+        max_inflight: int | None = None,
+    ):
+        self.order, self.expected = order, expected
+        self._launch, self._finish, self.max_inflight = launch, finish, max_inflight
+        self.inflight: deque = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.remaining = dict(self.expected)
+        self._next = 0
+
+    def mark_ready(self, index: int) -> None:
+        self.remaining[index] -= 1
+        while self._next < len(self.order) and self.remaining[self.order[self._next]] <= 0:
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        i = self.order[self._next]
+        self._next += 1
+        self.inflight.append((i, self._launch(i)))
+        while self.max_inflight is not None and len(self.inflight) > self.max_inflight:
+            self._finish(*self.inflight.popleft())
+
+    def flush(self) -> None:
+        """Launch every bucket not yet launched, wait for all, and start a new pass."""
+        while self._next < len(self.order):
+            self._launch_next()
+        while self.inflight:
+            self._finish(*self.inflight.popleft())
+        self.reset()
+
+
+def _trainable(layout: Layout) -> list[FlatUnit]:
+    return [fu for fu in layout.flat_units if fu.trainable]
+
+
+class _GradStore:
+    """Shared wiring: hooks on trainable parameters, a side table param -> flat unit."""
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], tracker: BackwardTracker):
+        self.layout, self.params, self.tracker = layout, params, tracker
+        self.sync = True
+        self._flat_of: dict[nn.Parameter, int] = {}
+        self._hooks = []
+        for fu in _trainable(layout):
+            for spec in fu.params:
+                p = params[spec.name]
+                self._flat_of[p] = fu.index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        order = [fu.index for fu in reversed(_trainable(layout))]
+        expected = {fu.index: len(fu.params) for fu in _trainable(layout)}
+        self.scheduler = BucketScheduler(order, expected, self._launch, self._finish, self._max_inflight())
+
+    def _max_inflight(self) -> int | None:
+        return None
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        raise NotImplementedError
+
+    def _launch(self, index: int):
+        raise NotImplementedError
+
+    def _finish(self, index: int, handle) -> None:
+        raise NotImplementedError
+
+
+class LocalGrads(_GradStore):
+    """Stages 0-1: full flat gradient buffers on every rank; `param.grad` are views into them."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        params: dict[str, nn.Parameter],
+        *,
+        dtype: torch.dtype,
+        owned: Callable[[FlatUnit], tuple[int, int]],
+        group: comm.ProcessGroupInfo,
+        stats: comm.CommStats,
+        tracker: BackwardTracker,
+        reduce_in_backward: bool,
+    ):
+        self.group, self.stats, self._owned = group, stats, owned
+        self.reduce_in_backward = reduce_in_backward
+        self.flats: dict[int, torch.Tensor] = {}
+        self._views: dict[nn.Parameter, torch.Tensor] = {}
+        for fu in _trainable(layout):
+            device = params[fu.params[0].name].device
+            flat = torch.zeros(fu.padded_numel, dtype=dtype, device=device)  # 1D, padded
+            self.flats[fu.index] = flat
+            for spec in fu.params:
+                p = params[spec.name]
+                view = flat[spec.offset : spec.offset + spec.numel].view(spec.shape)
+                self._views[p] = view
+                p.grad = view
+        self._unreduced = False  # local grads accumulated since the last reduction
+        super().__init__(layout, params, tracker)
+
+    def _relink(self, p: nn.Parameter) -> None:
+        # `model.zero_grad()` (set_to_none) or a user assignment replaced the view.
+        view = self._views[p]
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        self.tracker.enter()
+        if p.grad is not self._views[p]:
+            self._relink(p)
+        if self.reduce_in_backward and self.sync:
+            self.scheduler.mark_ready(self._flat_of[p])
+
+    def _launch(self, index: int):
+        return comm.all_reduce(self.flats[index], group=self.group, stats=self.stats, async_op=True)
+
+    def _finish(self, index: int, handle) -> None:
+        handle.wait()
+
+    def end_backward(self) -> None:
+        for p in self._views:
+            if p.grad is not self._views[p]:
+                self._relink(p)
+        if self.reduce_in_backward and self.sync:
+            self.scheduler.flush()
+            self._unreduced = False
+        else:
+            self.scheduler.reset()
+            self._unreduced = True
+
+    def reduce_for_step(self) -> None:
+        """At the accumulation boundary: make each rank's owned slice the sum over ranks."""
+        if not self._unreduced:
+            return
+        if self.reduce_in_backward:  # stage 0 whose last backward ran under no_sync
+            for h in [self._launch(i) for i in self.flats]:
+                h.wait()
+        else:
+            pending = []
+            for fu in _trainable(self.layout):
+                lo, hi = self._owned(fu)
+                out = torch.empty(hi - lo, dtype=self.flats[fu.index].dtype, device=self.flats[fu.index].device)
+                h = comm.reduce_scatter(out, self.flats[fu.index], group=self.group, stats=self.stats, async_op=True)
+                pending.append((fu, out, h))
+            for fu, out, h in pending:
+                h.wait()
+                lo, hi = self._owned(fu)
+                self.flats[fu.index][lo:hi].copy_(out)
+        self._unreduced = False
+
+    def local(self, fu: FlatUnit) -> torch.Tensor:
+        lo, hi = self._owned(fu)
+        return self.flats[fu.index][lo:hi]
+
+    def zero(self) -> None:
+        for p, view in self._views.items():
+            view.zero_()
+            p.grad = view
+        self._unreduced = False
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return list(self.flats.values())
+
+
+class ShardedGrads(_GradStore):
+    """Stages 2-3: each rank holds its gradient shard; buckets are reduce-scattered in backward."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        params: dict[str, nn.Parameter],
+        *,
+        dtype: torch.dtype,
+        group: comm.ProcessGroupInfo,
+        stats: comm.CommStats,
+        tracker: BackwardTracker,
+        max_inflight: int,
+        on_unit_grads_done: Callable[[str], None] | None = None,
+    ):
+        self.group, self.stats, self.dtype = group, stats, dtype
+        self.max_inflight = max_inflight
+        self.shards: dict[int, torch.Tensor] = {}
+        for fu in _trainable(layout):
+            device = params[fu.params[0].name].device
+            self.shards[fu.index] = torch.zeros(fu.shard_numel, dtype=dtype, device=device)
+        self._on_unit_grads_done = on_unit_grads_done
+        self._unit_expected: dict[str, int] = {}
+        self._unit_of: dict[int, str] = {}
+        for fu in _trainable(layout):
+            if len(fu.units) == 1:
+                self._unit_of[fu.index] = fu.units[0]
+                self._unit_expected[fu.units[0]] = self._unit_expected.get(fu.units[0], 0) + len(fu.params)
+        self._unit_remaining = dict(self._unit_expected)
+        super().__init__(layout, params, tracker)
+
+    def _max_inflight(self) -> int | None:
+        return self.max_inflight
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        self.tracker.enter()
+        index = self._flat_of[p]
+        self.scheduler.mark_ready(index)
+        unit = self._unit_of.get(index)
+        if self._on_unit_grads_done is not None and unit is not None:
+            self._unit_remaining[unit] -= 1
+            if self._unit_remaining[unit] == 0:
+                self._on_unit_grads_done(unit)
+
+    def _launch(self, index: int):
+        fu = self.layout.flat_units[index]
+        shard = self.shards[index]
+        packed = torch.zeros(fu.padded_numel, dtype=self.dtype, device=shard.device)  # 1D, transient
+        for spec in fu.params:
+            p = self.params[spec.name]
+            if p.grad is not None:
+                packed[spec.offset : spec.offset + spec.numel].copy_(p.grad.reshape(-1))
+                p.grad = None  # the full gradient is freed as soon as it is packed
+        out = torch.empty_like(shard)
+        handle = comm.reduce_scatter(out, packed, group=self.group, stats=self.stats, async_op=True)
+        return handle, out, packed
+
+    def _finish(self, index: int, launched) -> None:
+        handle, out, _packed = launched
+        handle.wait()
+        self.shards[index].add_(out)
+
+    def end_backward(self) -> None:
+        self.scheduler.flush()
+        self._unit_remaining = dict(self._unit_expected)
+
+    def reduce_for_step(self) -> None:
+        """Nothing left to send: every backward already reduced into the shards."""
+
+    def local(self, fu: FlatUnit) -> torch.Tensor:
+        return self.shards[fu.index]
+
+    def zero(self) -> None:
+        for s in self.shards.values():
+            s.zero_()
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return list(self.shards.values())

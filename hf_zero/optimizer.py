@@ -1,0 +1,146 @@
+"""The sharded optimizer: fp32 master slices and the user's optimizer rebuilt over them.
+
+Each rank owns, per flat unit, the slice [lo, hi) of the flat buffer it updates (the whole buffer
+at stage 0, its 1/N shard at stages 1-3). The master is fp32: in fp32 training it IS the
+parameter slice (a view, no second copy); in bf16/fp16 it is a separate fp32 copy.
+
+The user's optimizer object is kept (so an LR scheduler built on it keeps working) and rebuilt in
+place: each param group keeps its hyperparameters and gets, as params, the masters of the flat
+units of that group; its state starts empty. Because a master is a flat 1D slice of many
+parameters, only elementwise optimizers are correct on it; any other class is refused.
+
+One optimizer step, given the reduced gradient slices (sums over ranks, loss-scaled):
+  1. master.grad = slice * 1 / (world_size * loss_scale), in fp32;
+  2. global L2 norm: local sum of squares, all-reduced when the slices are shards (each element
+     is owned by exactly one rank; padding holds zeros), so each parameter counts once;
+  3. non-finite norm with a dynamic loss scaler: every rank skips (the norm is the same on all);
+  4. clip by max_norm / (norm + 1e-6), as torch.nn.utils.clip_grad_norm_;
+  5. optimizer.step() on the masters; copy masters into the compute slices when they differ.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+
+from . import comm
+from .partition import FlatUnit, Layout
+
+__all__ = ["ELEMENTWISE_OPTIMIZERS", "check_optimizer", "ShardedOptimizer"]
+
+ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+)
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizers that cannot run on flat 1D shards, or that already carry state.
+
+    Raises:
+        TypeError: not a torch.optim.Optimizer, or not an elementwise optimizer.
+        ValueError: the optimizer already has state.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if type(optimizer) not in ELEMENTWISE_OPTIMIZERS:
+        names = ", ".join(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)
+        raise TypeError(
+            f"{type(optimizer).__module__}.{type(optimizer).__name__} is not a supported "
+            "optimizer: hf_zero steps flat 1D shards that mix many parameters, so the update must "
+            f"be elementwise (no per-matrix factoring or shape-dependent math). Supported: {names}"
+        )
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError(
+            "the optimizer already has state (it has stepped or loaded a state dict); pass a fresh "
+            "optimizer to initialize and restore state with engine.load_checkpoint"
+        )
+
+
+class ShardedOptimizer:
+    """fp32 masters for this rank's slices, and the user's optimizer stepping them."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        layout: Layout,
+        *,
+        owned: Callable[[FlatUnit], tuple[int, int]],
+        sharded: bool,
+        group: comm.ProcessGroupInfo,
+        stats: comm.CommStats,
+    ):
+        self.optimizer, self.layout, self._owned = optimizer, layout, owned
+        self.sharded, self.group, self.stats = sharded, group, stats
+        self.masters: dict[int, torch.Tensor] = {}  # flat index -> fp32 1D slice [lo, hi)
+
+    def adopt(self, fu: FlatUnit, full32: torch.Tensor, local: torch.Tensor) -> None:
+        """Create the master of `fu` from its fp32 values; alias `local` when it is fp32."""
+        if local.dtype == torch.float32:
+            self.masters[fu.index] = local
+        else:
+            lo, hi = self._owned(fu)
+            self.masters[fu.index] = full32[lo:hi].clone()
+
+    def rebuild(self) -> None:
+        """Point the user's param groups at the masters; drop any per-parameter state."""
+        for gi, g in enumerate(self.optimizer.param_groups):
+            g["params"] = [self.masters[fu.index] for fu in self.layout.flat_units if fu.group == gi]
+        self.optimizer.state = defaultdict(dict)
+
+    def trainable(self) -> list[FlatUnit]:
+        return [fu for fu in self.layout.flat_units if fu.trainable]
+
+    def set_grads(self, local_grads: dict[int, torch.Tensor], inv_scale: float) -> None:
+        """Phase 1: master.grad = reduced slice / (world_size * loss_scale), fp32."""
+        for index, g in local_grads.items():
+            if g.dtype == torch.float32:
+                self.masters[index].grad = g.mul_(inv_scale)
+            else:
+                self.masters[index].grad = g.float().mul_(inv_scale)
+
+    def grad_norm(self) -> torch.Tensor:
+        """Phase 2: the global L2 norm of the master grads (a 0-dim fp32 tensor, same on all ranks)."""
+        grads = [m.grad for m in self.masters.values() if m.grad is not None]
+        device = next(iter(self.masters.values())).device
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0)
+            sq = torch.stack(norms).square().sum()
+        if self.sharded:
+            sq = comm.all_reduce_scalar(sq, group=self.group, stats=self.stats, op="sum")
+        return sq.sqrt()
+
+    def clip(self, norm: torch.Tensor, max_norm: float) -> None:
+        """Phase 4: scale grads so the global norm is at most max_norm."""
+        grads = [m.grad for m in self.masters.values() if m.grad is not None]
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef)
+
+    def step(self) -> None:
+        """Phase 5: update the masters."""
+        self.optimizer.step()
+
+    def clear_grads(self) -> None:
+        for m in self.masters.values():
+            m.grad = None
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        out = list(self.masters.values())
+        for state in self.optimizer.state.values():
+            out.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        return out

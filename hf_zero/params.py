@@ -1,0 +1,260 @@
+"""Where the compute parameters live: replicated flat buffers (stages 0-2) or shards (stage 3).
+
+Both stores keep the model's own `nn.Parameter` objects (so tied weights, `named_parameters`,
+`num_parameters` and `generate` see what they expect) and point their `.data` at views of one
+flat buffer per flat unit, in the compute dtype. The optimizer steps fp32 master shards and
+writes the result back through `local()` / `publish()`.
+
+`ReplicatedParams` (stages 0-2): every rank holds every flat buffer in full.
+  After the optimizer step (sharded optimizer, stages 1-2), phase 1: each rank's updated slice
+  is all-gathered into the full buffer.
+
+`ShardedParams` (stage 3): each rank holds only its slice of each flat buffer (`shard`). The full
+buffer keeps its shape but its storage is resized to 0 bytes while SHARDED; the parameters stay
+views into it, so their shapes and counts stay true. Per unit, with hooks on the model's own
+modules (so calling `engine.module` directly, `generate` included, works):
+  1. forward pre-hook: all-gather the unit (or wait for its prefetch); start the all-gather of
+     the next unit in the recorded forward order (prefetch);
+  2. forward post-hook: release the unit; if its outputs need grad, hook them so that
+  3. pre-backward (the first gradient reaching an output): gather the unit again and prefetch the
+     unit that ran before it in forward;
+  4. post-backward: release once every trainable parameter of the unit has its gradient (the
+     gradient store calls `on_unit_grads_done`), or at the end of backward.
+The root unit (everything outside unit modules) uses the model's own forward hooks.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from . import comm
+from .partition import ROOT_UNIT, FlatUnit, Layout
+
+__all__ = ["flatten_fp32", "ReplicatedParams", "ShardedParams", "UnitState"]
+
+
+def flatten_fp32(fu: FlatUnit, params: dict[str, nn.Parameter], device: torch.device) -> torch.Tensor:
+    """The flat unit's parameters as one fp32 buffer, 1D, padded to a multiple of world_size."""
+    flat = torch.zeros(fu.padded_numel, dtype=torch.float32, device=device)
+    for spec in fu.params:
+        flat[spec.offset : spec.offset + spec.numel].copy_(params[spec.name].detach().reshape(-1))
+    return flat
+
+
+def _point_params_at(fu: FlatUnit, params: dict[str, nn.Parameter], flat: torch.Tensor) -> None:
+    for spec in fu.params:
+        params[spec.name].data = flat[spec.offset : spec.offset + spec.numel].view(spec.shape)
+
+
+class ReplicatedParams:
+    """Stages 0-2: full flat parameter buffers on every rank."""
+
+    sharded = False
+
+    def __init__(
+        self,
+        layout: Layout,
+        params: dict[str, nn.Parameter],
+        *,
+        dtype: torch.dtype,
+        owned: Callable[[FlatUnit], tuple[int, int]],
+        sharded_optimizer: bool,
+        group: comm.ProcessGroupInfo,
+        stats: comm.CommStats,
+    ):
+        self.layout, self.params, self.dtype, self.group, self.stats = layout, params, dtype, group, stats
+        self._owned = owned
+        self.sharded_optimizer = sharded_optimizer
+        self.flats: list[torch.Tensor] = []
+
+    def adopt(self, fu: FlatUnit, full32: torch.Tensor) -> None:
+        """Take over flat unit `fu` from its fp32 values (kept as the buffer itself in fp32)."""
+        flat = full32 if self.dtype == torch.float32 else full32.to(self.dtype)
+        _point_params_at(fu, self.params, flat)
+        self.flats.append(flat)
+
+    def local(self, fu: FlatUnit) -> torch.Tensor:
+        """The part of the flat buffer this rank's optimizer updates."""
+        lo, hi = self._owned(fu)
+        return self.flats[fu.index][lo:hi]
+
+    def publish(self, fus: list[FlatUnit]) -> None:
+        """After the optimizer step: all-gather every rank's updated slice into the full buffer
+        (only when the optimizer is sharded; at stage 0 every rank updated all of it)."""
+        if not self.sharded_optimizer:
+            return
+        pending = []
+        for fu in fus:
+            lo, hi = self._owned(fu)
+            flat = self.flats[fu.index]
+            pending.append(
+                comm.all_gather(flat, flat[lo:hi].clone(), group=self.group, stats=self.stats, async_op=True)
+            )
+        for p in pending:
+            p.wait()
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return list(self.flats)
+
+
+class UnitState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+class ShardedParams:
+    """Stage 3: each rank holds 1/N of every flat unit; units are gathered around their use."""
+
+    sharded = True
+
+    def __init__(
+        self,
+        layout: Layout,
+        params: dict[str, nn.Parameter],
+        *,
+        dtype: torch.dtype,
+        unit_modules: dict[str, nn.Module],
+        group: comm.ProcessGroupInfo,
+        stats: comm.CommStats,
+        prefetch: bool,
+        on_backward_start: Callable[[], None],
+    ):
+        self.layout, self.params, self.dtype, self.group, self.stats = layout, params, dtype, group, stats
+        self.prefetch = prefetch
+        self._on_backward_start = on_backward_start
+        self.shards: list[torch.Tensor] = []  # 1D, shard_numel each, compute dtype
+        self.fulls: list[torch.Tensor] = []  # 1D, padded_numel; storage 0 bytes while SHARDED
+        self.unit_flats: dict[str, list[int]] = {u: [] for u in unit_modules}
+        self.state = {u: UnitState.SHARDED for u in unit_modules}
+        self._pending: dict[str, list[comm.Pending]] = {}
+        self._forward_order: list[str] = []
+        self._order_recorded = False
+        self._recording = False
+        self._backward_started: set[str] = set()
+        self._hooks = []
+        for unit, module in unit_modules.items():
+            self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
+            self._hooks.append(module.register_forward_hook(self._make_post_forward(unit)))
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def adopt(self, fu: FlatUnit, full32: torch.Tensor) -> None:
+        (unit,) = fu.units
+        lo, hi = fu.shard_range(self.group.rank)
+        self.shards.append(full32[lo:hi].to(self.dtype, copy=True))
+        full = torch.empty(fu.padded_numel, dtype=self.dtype, device=full32.device)
+        _point_params_at(fu, self.params, full)
+        full.untyped_storage().resize_(0)
+        self.fulls.append(full)
+        self.unit_flats[unit].append(fu.index)
+
+    def local(self, fu: FlatUnit) -> torch.Tensor:
+        return self.shards[fu.index]
+
+    def publish(self, fus: list[FlatUnit]) -> None:
+        """Nothing to send: the next forward gathers the updated shards."""
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return self.shards + [f for f in self.fulls if f.untyped_storage().nbytes() > 0]
+
+    # ---- gather / release ----------------------------------------------------------------------
+
+    def gather(self, unit: str, *, async_op: bool = False) -> None:
+        """Bring `unit` to GATHERED (or GATHERING, with async_op)."""
+        state = self.state[unit]
+        if state is UnitState.SHARDED:
+            pending = []
+            for i in self.unit_flats[unit]:
+                full = self.fulls[i]
+                full.untyped_storage().resize_(full.numel() * full.element_size())
+                pending.append(
+                    comm.all_gather(full, self.shards[i], group=self.group, stats=self.stats, async_op=True)
+                )
+            self._pending[unit] = pending
+            self.state[unit] = UnitState.GATHERING
+        if not async_op and self.state[unit] is UnitState.GATHERING:
+            for p in self._pending.pop(unit):
+                p.wait()
+            self.state[unit] = UnitState.GATHERED
+
+    def release(self, unit: str) -> None:
+        """Free the unit's full buffers (waits for an in-flight gather first)."""
+        if self.state[unit] is UnitState.SHARDED:
+            return
+        self.gather(unit)  # a gather in flight must land before its buffer is freed
+        for i in self.unit_flats[unit]:
+            self.fulls[i].untyped_storage().resize_(0)
+        self.state[unit] = UnitState.SHARDED
+
+    def release_all(self) -> None:
+        for unit in self.state:
+            self.release(unit)
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def _prefetch(self, unit: str, step: int) -> None:
+        if not (self.prefetch and self._order_recorded):
+            return
+        if unit == ROOT_UNIT:
+            pos = -1 if step > 0 else len(self._forward_order)
+        else:
+            pos = self._forward_order.index(unit) if unit in self._forward_order else None
+            if pos is None:
+                return
+        nxt = pos + step
+        if 0 <= nxt < len(self._forward_order):
+            self.gather(self._forward_order[nxt], async_op=True)
+
+    def _make_pre_forward(self, unit: str):
+        def hook(module, args):
+            if unit == ROOT_UNIT:
+                self._recording = not self._order_recorded
+                if self._recording:
+                    self._forward_order = []
+            elif self._recording and unit not in self._forward_order:
+                self._forward_order.append(unit)
+            self.gather(unit)
+            self._prefetch(unit, +1)
+
+        return hook
+
+    def _make_post_forward(self, unit: str):
+        def hook(module, args, output):
+            if unit == ROOT_UNIT and self._recording:
+                self._recording = False
+                self._order_recorded = True
+            if torch.is_grad_enabled():
+                tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+                for t in tensors:
+                    t.register_hook(self._make_pre_backward(unit))
+            self.release(unit)
+            if unit == ROOT_UNIT:
+                # A prefetch past the last unit used (or units skipped this pass) must not stay live.
+                self.release_all()
+
+        return hook
+
+    def _make_pre_backward(self, unit: str):
+        def hook(grad):
+            if unit not in self._backward_started:
+                self._backward_started.add(unit)
+                self._on_backward_start()
+                self.gather(unit)
+                self._prefetch(unit, -1)
+
+        return hook
+
+    def on_unit_grads_done(self, unit: str) -> None:
+        """Every trainable parameter of `unit` has its gradient for this backward."""
+        if not any(not self.layout.flat_units[i].trainable for i in self.unit_flats[unit]):
+            self.release(unit)
+
+    def end_backward(self) -> None:
+        self._backward_started.clear()
+        self.release_all()
