@@ -36,6 +36,7 @@ __all__ = [
     "all_gather_object",
     "barrier",
     "resolve_group",
+    "new_group_like",
 ]
 
 
@@ -87,6 +88,23 @@ def resolve_group(group: dist.ProcessGroup | None) -> ProcessGroupInfo:
     )
 
 
+def new_group_like(info: ProcessGroupInfo) -> ProcessGroupInfo:
+    """A second group over the same ranks and backend.
+
+    The engine sends gradient reductions on their own group. Their launch order is fixed, but
+    WHEN they launch depends on which gradients a rank has, and that may differ between ranks
+    (a parameter unused on one rank only). Stage 3's all-gathers run during backward too, in
+    forward/backward order; on one shared group the two sequences could interleave differently
+    on different ranks and pair up mismatched collectives. One sequence per group is the same on
+    every rank.
+    """
+    if info.group is None:
+        return info
+    ranks = dist.get_process_group_ranks(info.group)
+    group = dist.new_group(ranks=ranks, backend=info.backend, use_local_synchronization=True)
+    return ProcessGroupInfo(group, dist.get_rank(group), dist.get_world_size(group), info.backend)
+
+
 class Pending:
     """A collective in flight. `wait()` blocks until it is done, then runs its finishing step
     (for example the local slice of gloo's reduce-scatter) exactly once."""
@@ -95,6 +113,10 @@ class Pending:
 
     def __init__(self, work=None, then: Callable[[], None] | None = None):
         self._work, self._then, self._done = work, then, False
+
+    def is_completed(self) -> bool:
+        """True when `wait()` would not block."""
+        return self._done or self._work is None or self._work.is_completed()
 
     def wait(self) -> None:
         if self._done:
@@ -134,8 +156,7 @@ def reduce_scatter(
     n = output.numel()
     if input.numel() != n * group.world_size:
         raise ValueError(
-            f"reduce_scatter input has {input.numel()} elements, expected "
-            f"{group.world_size} x {n}"
+            f"reduce_scatter input has {input.numel()} elements, expected {group.world_size} x {n}"
         )
     lo = group.rank * n
 

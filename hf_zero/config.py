@@ -41,7 +41,7 @@ class ZeroConfig:
 
     unit_modules: list[str] | None = None
     """Class names of the modules that form units (stage 3 gathers one unit at a time). Default:
-    the model's `_no_split_modules` (GPT2Block, BertLayer, ...). Everything else is the root unit."""
+    the model's `_no_split_modules` (GPT2Block, BertLayer, ...). The rest is the root unit."""
 
     gradient_clipping: float | None = None
     """Clip gradients to this global L2 norm in `step()`. None: no clipping (the norm is still
@@ -67,18 +67,29 @@ class ZeroConfig:
     """fp16: factor the scale is multiplied by when a step overflows (and is skipped)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stage, bool) or self.stage not in STAGES:
+        if type(self.stage) is not int or self.stage not in STAGES:
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
-        if self.mixed_precision not in MIXED_PRECISION_CHOICES:
+        if (
+            not isinstance(self.mixed_precision, str)
+            or self.mixed_precision not in MIXED_PRECISION_CHOICES
+        ):
+            hint = (
+                ' (YAML reads an unquoted no as false: write "no")'
+                if self.mixed_precision is False
+                else ""
+            )
             raise ValueError(
-                f"mixed_precision must be one of {', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
-                f"got {self.mixed_precision!r}"
+                "mixed_precision must be one of "
+                f"{', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
+                f"got {self.mixed_precision!r}{hint}"
             )
         _require_positive_int("bucket_size", self.bucket_size, "elements per gradient bucket")
         _require_positive_int("max_inflight_reductions", self.max_inflight_reductions, "buckets")
-        _require_positive_int("loss_scale_growth_interval", self.loss_scale_growth_interval, "steps")
+        _require_positive_int(
+            "loss_scale_growth_interval", self.loss_scale_growth_interval, "steps"
+        )
         if self.unit_modules is not None:
-            if isinstance(self.unit_modules, str) or not all(
+            if not isinstance(self.unit_modules, (list, tuple)) or not all(
                 isinstance(n, str) and n for n in self.unit_modules
             ):
                 raise ValueError(
@@ -99,7 +110,9 @@ class ZeroConfig:
             raise ValueError(
                 f"loss_scale_growth_factor must be > 1, got {self.loss_scale_growth_factor!r}"
             )
-        if not (_is_number(self.loss_scale_backoff_factor) and 0 < self.loss_scale_backoff_factor < 1):
+        if not (
+            _is_number(self.loss_scale_backoff_factor) and 0 < self.loss_scale_backoff_factor < 1
+        ):
             raise ValueError(
                 "loss_scale_backoff_factor must be in (0, 1), "
                 f"got {self.loss_scale_backoff_factor!r}"
@@ -111,9 +124,11 @@ class ZeroConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> ZeroConfig:
         """Build a config from a mapping, rejecting unknown keys by name."""
         if not isinstance(data, dict):
-            raise ValueError(f"{source} must be a mapping of field: value, got {type(data).__name__}")
+            raise ValueError(
+                f"{source} must be a mapping of field: value, got {type(data).__name__}"
+            )
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(k for k in data if k not in known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             raise ValueError(
                 f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
@@ -155,7 +170,7 @@ class ZeroConfig:
             )
         if data is None:
             data = {}
-        if isinstance(data, dict) and set(data) == {"zero"}:
+        if isinstance(data, dict) and "zero" in data:
             data = data["zero"]
         return cls.from_dict(data, source=f"config file {str(path)!r}")
 

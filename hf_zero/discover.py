@@ -36,7 +36,9 @@ class ModelParams:
     device: torch.device
 
 
-def _unit_modules(model: nn.Module, unit_classes: list[str], explicit: bool) -> dict[str, nn.Module]:
+def _unit_modules(
+    model: nn.Module, unit_classes: list[str], explicit: bool
+) -> dict[str, nn.Module]:
     units: dict[str, nn.Module] = {ROOT_UNIT: model}
     wanted = set(unit_classes)
     found: set[str] = set()
@@ -75,7 +77,9 @@ def discover_params(
             parameters are on several devices.
     """
     explicit = unit_modules is not None
-    classes = list(unit_modules) if explicit else list(getattr(model, "_no_split_modules", None) or [])
+    classes = (
+        list(unit_modules) if explicit else list(getattr(model, "_no_split_modules", None) or [])
+    )
     units = _unit_modules(model, classes, explicit)
     unit_names = [u for u in units if u]
 

@@ -54,11 +54,14 @@ def initialize(
         TypeError: model already wrapped, optimizer not elementwise, config of the wrong type.
         ValueError: optimizer and model disagree (see `discover_params`).
     """
-    return ZeroEngine(model, optimizer, config=config if config is not None else ZeroConfig(), group=group)
+    return ZeroEngine(
+        model, optimizer, config=config if config is not None else ZeroConfig(), group=group
+    )
 
 
 class ZeroEngine(nn.Module):
-    """A model and optimizer trained with ZeRO. Call it like the model; `engine.module` is the model."""
+    """A model and optimizer trained with ZeRO. Call it like the model; `engine.module` is the
+    model itself."""
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class ZeroEngine(nn.Module):
         self.config = config
         self.module = model
         self.group = comm.resolve_group(group)
+        self.reduce_group = comm.new_group_like(self.group)  # gradient reductions only
         self.stats = comm.CommStats()
         self.compute_dtype = compute_dtype_for(config.mixed_precision)
         if config.mixed_precision == "fp16":
@@ -137,6 +141,7 @@ class ZeroEngine(nn.Module):
                 del full32
         self.sharded_optimizer.rebuild()
 
+        reduce = dict(group=self.reduce_group, stats=self.stats)
         if stage >= 2:
             self.grads = ShardedGrads(
                 self.layout,
@@ -145,7 +150,7 @@ class ZeroEngine(nn.Module):
                 tracker=self.tracker,
                 max_inflight=config.max_inflight_reductions,
                 on_unit_grads_done=self.params_store.on_unit_grads_done if stage == 3 else None,
-                **common,
+                **reduce,
             )
         else:
             self.grads = LocalGrads(
@@ -155,7 +160,7 @@ class ZeroEngine(nn.Module):
                 owned=owned,
                 tracker=self.tracker,
                 reduce_in_backward=stage == 0,
-                **common,
+                **reduce,
             )
         self.tracker.finishers.append(self.grads.end_backward)
         if stage == 3:
@@ -212,7 +217,12 @@ class ZeroEngine(nn.Module):
         inv = 1.0 / (self.group.world_size * self.scaler.scale)
         local = {fu.index: self.grads.local(fu) for fu in self.sharded_optimizer.trainable()}
         self.sharded_optimizer.set_grads(local, inv)
-        self.grad_norm = self.sharded_optimizer.grad_norm()
+        specs = self.sharded_optimizer.trainable_specs()
+        got = torch.tensor(
+            [self.params_by_name[spec.name] in self.grads.got_grad for _, spec in specs]
+        )
+        self.grad_norm, used = self.sharded_optimizer.grad_norm(got)
+        self._untouched = [fs for fs, u in zip(specs, used.tolist()) if not u]
         self._grads_ready = True
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -239,10 +249,11 @@ class ZeroEngine(nn.Module):
         else:
             if self.config.gradient_clipping is not None and not self._clipped:
                 self.sharded_optimizer.clip(self.grad_norm, self.config.gradient_clipping)
-            self.sharded_optimizer.step()
+            self.sharded_optimizer.step(self._untouched)
             self._write_back()
             self.global_steps += 1
         self.scaler.update(overflow)
+        self.grads.got_grad.clear()
         self.sharded_optimizer.clear_grads()
         self._grads_ready = False
         self._clipped = False
@@ -309,10 +320,17 @@ class ZeroEngine(nn.Module):
                 total += storage.nbytes()
             return total
 
-        param = count([p.data for p in self.params_by_name.values()] + self.params_store.held_tensors())
+        param = count(
+            [p.data for p in self.params_by_name.values()] + self.params_store.held_tensors()
+        )
         grad = count(self.grads.held_tensors() + [p.grad for p in self.params_by_name.values()])
         optim = count(self.sharded_optimizer.held_tensors())
-        return {"param_bytes": param, "grad_bytes": grad, "optim_bytes": optim, "total_bytes": param + grad + optim}
+        return {
+            "param_bytes": param,
+            "grad_bytes": grad,
+            "optim_bytes": optim,
+            "total_bytes": param + grad + optim,
+        }
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes this rank has moved per collective kind since start (DESIGN.md §1 convention),

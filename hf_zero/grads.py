@@ -66,7 +66,15 @@ class BackwardTracker:
 
 
 class BucketScheduler:
-    """Launch one reduction per bucket, in a fixed order, as buckets become ready."""
+    """Launch one reduction per bucket, in a fixed order, as buckets become ready.
+
+    `launch(i)` returns a handle with `is_completed()`; `finish(i, handle)` waits for it and
+    applies the result. Finished buckets are retired from the front as soon as they complete.
+    With `max_inflight`, a launch that leaves more buckets in flight blocks on the oldest one
+    (`blocking=True`), or only retires what has completed (`blocking=False`): stage 3 must not
+    block here, because another rank may be waiting for this rank's next all-gather before it
+    can launch the bucket we would wait on.
+    """
 
     def __init__(
         self,
@@ -75,9 +83,11 @@ class BucketScheduler:
         launch: Callable[[int], object],
         finish: Callable[[int, object], None],
         max_inflight: int | None = None,
+        blocking: bool = True,
     ):
         self.order, self.expected = order, expected
         self._launch, self._finish, self.max_inflight = launch, finish, max_inflight
+        self.blocking = blocking
         self.inflight: deque = deque()
         self.reset()
 
@@ -94,7 +104,13 @@ class BucketScheduler:
         i = self.order[self._next]
         self._next += 1
         self.inflight.append((i, self._launch(i)))
-        while self.max_inflight is not None and len(self.inflight) > self.max_inflight:
+        while self.inflight and self.inflight[0][1][0].is_completed():
+            self._finish(*self.inflight.popleft())
+        while (
+            self.blocking
+            and self.max_inflight is not None
+            and len(self.inflight) > self.max_inflight
+        ):
             self._finish(*self.inflight.popleft())
 
     def flush(self) -> None:
@@ -116,6 +132,7 @@ class _GradStore:
     def __init__(self, layout: Layout, params: dict[str, nn.Parameter], tracker: BackwardTracker):
         self.layout, self.params, self.tracker = layout, params, tracker
         self.sync = True
+        self.got_grad: set[nn.Parameter] = set()  # params that got a gradient since zero()
         self._flat_of: dict[nn.Parameter, int] = {}
         self._hooks = []
         for fu in _trainable(layout):
@@ -125,10 +142,15 @@ class _GradStore:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
         order = [fu.index for fu in reversed(_trainable(layout))]
         expected = {fu.index: len(fu.params) for fu in _trainable(layout)}
-        self.scheduler = BucketScheduler(order, expected, self._launch, self._finish, self._max_inflight())
+        self.scheduler = BucketScheduler(
+            order, expected, self._launch, self._finish, self._max_inflight(), self._blocking()
+        )
 
     def _max_inflight(self) -> int | None:
         return None
+
+    def _blocking(self) -> bool:
+        return True
 
     def _on_grad(self, p: nn.Parameter) -> None:
         raise NotImplementedError
@@ -182,16 +204,19 @@ class LocalGrads(_GradStore):
 
     def _on_grad(self, p: nn.Parameter) -> None:
         self.tracker.enter()
+        self.got_grad.add(p)
         if p.grad is not self._views[p]:
             self._relink(p)
         if self.reduce_in_backward and self.sync:
             self.scheduler.mark_ready(self._flat_of[p])
 
     def _launch(self, index: int):
-        return comm.all_reduce(self.flats[index], group=self.group, stats=self.stats, async_op=True)
+        return (
+            comm.all_reduce(self.flats[index], group=self.group, stats=self.stats, async_op=True),
+        )
 
-    def _finish(self, index: int, handle) -> None:
-        handle.wait()
+    def _finish(self, index: int, launched) -> None:
+        launched[0].wait()
 
     def end_backward(self) -> None:
         for p in self._views:
@@ -209,14 +234,18 @@ class LocalGrads(_GradStore):
         if not self._unreduced:
             return
         if self.reduce_in_backward:  # stage 0 whose last backward ran under no_sync
-            for h in [self._launch(i) for i in self.flats]:
-                h.wait()
+            for i, launched in [(i, self._launch(i)) for i in self.flats]:
+                self._finish(i, launched)
         else:
             pending = []
             for fu in _trainable(self.layout):
                 lo, hi = self._owned(fu)
-                out = torch.empty(hi - lo, dtype=self.flats[fu.index].dtype, device=self.flats[fu.index].device)
-                h = comm.reduce_scatter(out, self.flats[fu.index], group=self.group, stats=self.stats, async_op=True)
+                out = torch.empty(
+                    hi - lo, dtype=self.flats[fu.index].dtype, device=self.flats[fu.index].device
+                )
+                h = comm.reduce_scatter(
+                    out, self.flats[fu.index], group=self.group, stats=self.stats, async_op=True
+                )
                 pending.append((fu, out, h))
             for fu, out, h in pending:
                 h.wait()
@@ -233,6 +262,7 @@ class LocalGrads(_GradStore):
             view.zero_()
             p.grad = view
         self._unreduced = False
+        self.got_grad.clear()
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self.flats.values())
@@ -253,6 +283,8 @@ class ShardedGrads(_GradStore):
         max_inflight: int,
         on_unit_grads_done: Callable[[str], None] | None = None,
     ):
+        """`on_unit_grads_done` (stage 3) is called when every trainable parameter of a unit has
+        its gradient; it also makes the in-flight bound non-blocking (see BucketScheduler)."""
         self.group, self.stats, self.dtype = group, stats, dtype
         self.max_inflight = max_inflight
         self.shards: dict[int, torch.Tensor] = {}
@@ -265,15 +297,21 @@ class ShardedGrads(_GradStore):
         for fu in _trainable(layout):
             if len(fu.units) == 1:
                 self._unit_of[fu.index] = fu.units[0]
-                self._unit_expected[fu.units[0]] = self._unit_expected.get(fu.units[0], 0) + len(fu.params)
+                self._unit_expected[fu.units[0]] = self._unit_expected.get(fu.units[0], 0) + len(
+                    fu.params
+                )
         self._unit_remaining = dict(self._unit_expected)
         super().__init__(layout, params, tracker)
 
     def _max_inflight(self) -> int | None:
         return self.max_inflight
 
+    def _blocking(self) -> bool:
+        return self._on_unit_grads_done is None
+
     def _on_grad(self, p: nn.Parameter) -> None:
         self.tracker.enter()
+        self.got_grad.add(p)
         index = self._flat_of[p]
         self.scheduler.mark_ready(index)
         unit = self._unit_of.get(index)
@@ -285,7 +323,9 @@ class ShardedGrads(_GradStore):
     def _launch(self, index: int):
         fu = self.layout.flat_units[index]
         shard = self.shards[index]
-        packed = torch.zeros(fu.padded_numel, dtype=self.dtype, device=shard.device)  # 1D, transient
+        packed = torch.zeros(
+            fu.padded_numel, dtype=self.dtype, device=shard.device
+        )  # 1D, transient
         for spec in fu.params:
             p = self.params[spec.name]
             if p.grad is not None:
@@ -313,6 +353,7 @@ class ShardedGrads(_GradStore):
     def zero(self) -> None:
         for s in self.shards.values():
             s.zero_()
+        self.got_grad.clear()
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self.shards.values())

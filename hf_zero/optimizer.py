@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from . import comm
-from .partition import FlatUnit, Layout
+from .partition import FlatUnit, Layout, ParamSpec
 
 __all__ = ["ELEMENTWISE_OPTIMIZERS", "check_optimizer", "ShardedOptimizer"]
 
@@ -63,7 +63,8 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             "optimizer: hf_zero steps flat 1D shards that mix many parameters, so the update must "
             f"be elementwise (no per-matrix factoring or shape-dependent math). Supported: {names}"
         )
-    if any(len(s) for s in optimizer.state.values()):
+    # Adagrad fills its state in __init__ (step 0, initial sums); only a taken step counts.
+    if any(len(s) and float(s.get("step", 1)) > 0 for s in optimizer.state.values()):
         raise ValueError(
             "the optimizer already has state (it has stepped or loaded a state dict); pass a fresh "
             "optimizer to initialize and restore state with engine.load_checkpoint"
@@ -98,7 +99,9 @@ class ShardedOptimizer:
     def rebuild(self) -> None:
         """Point the user's param groups at the masters; drop any per-parameter state."""
         for gi, g in enumerate(self.optimizer.param_groups):
-            g["params"] = [self.masters[fu.index] for fu in self.layout.flat_units if fu.group == gi]
+            g["params"] = [
+                self.masters[fu.index] for fu in self.layout.flat_units if fu.group == gi
+            ]
         self.optimizer.state = defaultdict(dict)
 
     def trainable(self) -> list[FlatUnit]:
@@ -112,17 +115,22 @@ class ShardedOptimizer:
             else:
                 self.masters[index].grad = g.float().mul_(inv_scale)
 
-    def grad_norm(self) -> torch.Tensor:
-        """Phase 2: the global L2 norm of the master grads (a 0-dim fp32 tensor, same on all ranks)."""
+    def grad_norm(self, got_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 2: the global L2 norm of the master grads (0-dim fp32, the same on all ranks),
+        and which trainable parameters got a gradient on any rank (bool, `trainable_specs`
+        order) from this rank's flags (`got_grad`, 0/1). One small all-reduce carries both."""
         grads = [m.grad for m in self.masters.values() if m.grad is not None]
         device = next(iter(self.masters.values())).device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
             norms = torch._foreach_norm(grads, 2.0)
             sq = torch.stack(norms).square().sum()
-        if self.sharded:
-            sq = comm.all_reduce_scalar(sq, group=self.group, stats=self.stats, op="sum")
-        return sq.sqrt()
+        packed = torch.cat(
+            [(sq if self.sharded else torch.zeros_like(sq)).view(1), got_grad.float().to(device)]
+        )
+        comm.all_reduce_scalar(packed, group=self.group, stats=self.stats, op="sum")
+        total_sq = packed[0] if self.sharded else sq
+        return total_sq.sqrt(), packed[1:] > 0
 
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         """Phase 4: scale grads so the global norm is at most max_norm."""
@@ -131,9 +139,32 @@ class ShardedOptimizer:
         if grads:
             torch._foreach_mul_(grads, coef)
 
-    def step(self) -> None:
-        """Phase 5: update the masters."""
+    def trainable_specs(self) -> list[tuple[FlatUnit, ParamSpec]]:
+        return [(fu, spec) for fu in self.trainable() for spec in fu.params]
+
+    def step(self, untouched: list[tuple[FlatUnit, ParamSpec]]) -> None:
+        """Phase 5: update the masters, leaving the `untouched` parameters (no gradient on any
+        rank this step) exactly as they were, weights and optimizer state, as torch does for a
+        parameter whose .grad is None. (Their zero gradient would still move them through weight
+        decay and momentum.)"""
+        saved = []
+        for fu, spec in untouched:
+            lo, hi = self._owned(fu)
+            a, b = max(lo, spec.offset), min(hi, spec.offset + spec.numel)
+            if a >= b:
+                continue
+            master = self.masters[fu.index]
+            piece = slice(a - lo, b - lo)
+            # State created by this very step starts at its initial value, which a zero
+            # gradient leaves there; state that exists already is restored.
+            state = self.optimizer.state.get(master, {})
+            tensors = [master] + [
+                v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == master.shape
+            ]
+            saved.extend((t, piece, t[piece].clone()) for t in tensors)
         self.optimizer.step()
+        for t, piece, value in saved:
+            t[piece].copy_(value)
 
     def clear_grads(self) -> None:
         for m in self.masters.values():

@@ -16,8 +16,9 @@ modules (so calling `engine.module` directly, `generate` included, works):
   1. forward pre-hook: all-gather the unit (or wait for its prefetch); start the all-gather of
      the next unit in the recorded forward order (prefetch);
   2. forward post-hook: release the unit; if its outputs need grad, hook them so that
-  3. pre-backward (the first gradient reaching an output): gather the unit again and prefetch the
-     unit that ran before it in forward;
+  3. pre-backward (the first gradient reaching an output): gather the unit again, walking the
+     backward sequence that is the same on every rank (see the Note below), and prefetch the
+     next unit of that sequence;
   4. post-backward: release once every trainable parameter of the unit has its gradient (the
      gradient store calls `on_unit_grads_done`), or at the end of backward.
 The root unit (everything outside unit modules) uses the model's own forward hooks.
@@ -38,7 +39,9 @@ from .partition import ROOT_UNIT, FlatUnit, Layout
 __all__ = ["flatten_fp32", "ReplicatedParams", "ShardedParams", "UnitState"]
 
 
-def flatten_fp32(fu: FlatUnit, params: dict[str, nn.Parameter], device: torch.device) -> torch.Tensor:
+def flatten_fp32(
+    fu: FlatUnit, params: dict[str, nn.Parameter], device: torch.device
+) -> torch.Tensor:
     """The flat unit's parameters as one fp32 buffer, 1D, padded to a multiple of world_size."""
     flat = torch.zeros(fu.padded_numel, dtype=torch.float32, device=device)
     for spec in fu.params:
@@ -67,7 +70,13 @@ class ReplicatedParams:
         group: comm.ProcessGroupInfo,
         stats: comm.CommStats,
     ):
-        self.layout, self.params, self.dtype, self.group, self.stats = layout, params, dtype, group, stats
+        self.layout, self.params, self.dtype, self.group, self.stats = (
+            layout,
+            params,
+            dtype,
+            group,
+            stats,
+        )
         self._owned = owned
         self.sharded_optimizer = sharded_optimizer
         self.flats: list[torch.Tensor] = []
@@ -93,7 +102,9 @@ class ReplicatedParams:
             lo, hi = self._owned(fu)
             flat = self.flats[fu.index]
             pending.append(
-                comm.all_gather(flat, flat[lo:hi].clone(), group=self.group, stats=self.stats, async_op=True)
+                comm.all_gather(
+                    flat, flat[lo:hi].clone(), group=self.group, stats=self.stats, async_op=True
+                )
             )
         for p in pending:
             p.wait()
@@ -125,7 +136,13 @@ class ShardedParams:
         prefetch: bool,
         on_backward_start: Callable[[], None],
     ):
-        self.layout, self.params, self.dtype, self.group, self.stats = layout, params, dtype, group, stats
+        self.layout, self.params, self.dtype, self.group, self.stats = (
+            layout,
+            params,
+            dtype,
+            group,
+            stats,
+        )
         self.prefetch = prefetch
         self._on_backward_start = on_backward_start
         self.shards: list[torch.Tensor] = []  # 1D, shard_numel each, compute dtype
@@ -136,7 +153,9 @@ class ShardedParams:
         self._forward_order: list[str] = []
         self._order_recorded = False
         self._recording = False
-        self._backward_started: set[str] = set()
+        self._backward_units: set[str] = set()  # units whose outputs need grad, since last backward
+        self._bwd_seq: list[str] | None = None  # this backward's gather sequence (see Note)
+        self._bwd_cursor = 0
         self._hooks = []
         for unit, module in unit_modules.items():
             self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
@@ -174,7 +193,9 @@ class ShardedParams:
                 full = self.fulls[i]
                 full.untyped_storage().resize_(full.numel() * full.element_size())
                 pending.append(
-                    comm.all_gather(full, self.shards[i], group=self.group, stats=self.stats, async_op=True)
+                    comm.all_gather(
+                        full, self.shards[i], group=self.group, stats=self.stats, async_op=True
+                    )
                 )
             self._pending[unit] = pending
             self.state[unit] = UnitState.GATHERING
@@ -197,30 +218,34 @@ class ShardedParams:
             self.release(unit)
 
     # ---- hooks ----------------------------------------------------------------------------------
-
-    def _prefetch(self, unit: str, step: int) -> None:
-        if not (self.prefetch and self._order_recorded):
-            return
-        if unit == ROOT_UNIT:
-            pos = -1 if step > 0 else len(self._forward_order)
-        else:
-            pos = self._forward_order.index(unit) if unit in self._forward_order else None
-            if pos is None:
-                return
-        nxt = pos + step
-        if 0 <= nxt < len(self._forward_order):
-            self.gather(self._forward_order[nxt], async_op=True)
+    #
+    # [Note: one gather sequence on every rank]
+    # Collectives pair up by their position in the group's sequence, so every rank must issue the
+    # same all-gathers in the same order. Forward runs the same modules everywhere, so its order
+    # is fixed. Backward is not: which output gets its gradient first depends on the loss, and
+    # the loss may differ between ranks (a branch used on one rank only). So backward does not
+    # gather "whatever unit asks first". It walks one sequence, the same on every rank: the root,
+    # then the units in reverse forward order, keeping those whose outputs needed grad. A unit
+    # that asks is gathered together with every unit before it in the sequence; the next one is
+    # prefetched; and at the end of backward the units nobody asked for are gathered (and freed)
+    # too, so every rank has issued the whole sequence.
 
     def _make_pre_forward(self, unit: str):
         def hook(module, args):
             if unit == ROOT_UNIT:
                 self._recording = not self._order_recorded
-                if self._recording:
-                    self._forward_order = []
             elif self._recording and unit not in self._forward_order:
                 self._forward_order.append(unit)
             self.gather(unit)
-            self._prefetch(unit, +1)
+            if self.prefetch and self._order_recorded:
+                order = self._forward_order
+                nxt = (
+                    0
+                    if unit == ROOT_UNIT
+                    else (order.index(unit) + 1 if unit in order else len(order))
+                )
+                if nxt < len(order):
+                    self.gather(order[nxt], async_op=True)
 
         return hook
 
@@ -230,31 +255,58 @@ class ShardedParams:
                 self._recording = False
                 self._order_recorded = True
             if torch.is_grad_enabled():
-                tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+                tensors = [
+                    t
+                    for t in tree_flatten(output)[0]
+                    if isinstance(t, torch.Tensor) and t.requires_grad
+                ]
                 for t in tensors:
                     t.register_hook(self._make_pre_backward(unit))
+                if tensors:
+                    self._backward_units.add(unit)
             self.release(unit)
             if unit == ROOT_UNIT:
-                # A prefetch past the last unit used (or units skipped this pass) must not stay live.
+                # A prefetch past the last unit used, or a unit skipped this pass, must not
+                # stay gathered.
                 self.release_all()
 
         return hook
 
+    def _backward_sequence(self) -> list[str]:
+        order = [ROOT_UNIT] + self._forward_order[::-1]
+        order += sorted(u for u in self._backward_units if u not in order)
+        return [u for u in order if u in self._backward_units]
+
+    def _advance(self) -> str:
+        unit = self._bwd_seq[self._bwd_cursor]
+        self._bwd_cursor += 1
+        self.gather(unit, async_op=True)
+        return unit
+
     def _make_pre_backward(self, unit: str):
         def hook(grad):
-            if unit not in self._backward_started:
-                self._backward_started.add(unit)
+            if self._bwd_seq is None:
                 self._on_backward_start()
-                self.gather(unit)
-                self._prefetch(unit, -1)
+                self._bwd_seq, self._bwd_cursor = self._backward_sequence(), 0
+            if unit in self._bwd_seq[self._bwd_cursor :]:
+                while self._advance() != unit:
+                    pass
+                if self.prefetch and self._bwd_cursor < len(self._bwd_seq):
+                    self._advance()
+            elif unit in self._bwd_seq and self.state[unit] is UnitState.SHARDED:
+                return  # walked and already released: its gradients are done this pass
+            self.gather(unit)
 
         return hook
 
     def on_unit_grads_done(self, unit: str) -> None:
         """Every trainable parameter of `unit` has its gradient for this backward."""
-        if not any(not self.layout.flat_units[i].trainable for i in self.unit_flats[unit]):
+        if all(self.layout.flat_units[i].trainable for i in self.unit_flats[unit]):
             self.release(unit)
 
     def end_backward(self) -> None:
-        self._backward_started.clear()
+        if self._bwd_seq is not None:
+            while self._bwd_cursor < len(self._bwd_seq):
+                self.release(self._advance())
+        self._bwd_seq, self._backward_units = None, set()
         self.release_all()

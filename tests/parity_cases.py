@@ -82,7 +82,9 @@ def rank_slice(batch: dict, rank: int) -> dict:
 
 
 def run_reference(kind: str, steps: int, world_size: int, *, lr: float = 1e-3, clip: float = 1.0):
-    """Single process, whole global batch. Returns (losses per micro-step, grad norms, state dict)."""
+    """Single process, whole global batch.
+
+    Returns (losses per micro-step, grad norms, state dict)."""
     model = make_model(kind)
     opt = torch.optim.AdamW(param_groups(model), lr=lr)
     losses, norms = [], []

@@ -34,7 +34,12 @@ def _parity_worker(rank: int, world_size: int, kinds: list[str], stages: list[in
                 kind, STEPS, rank, world_size, hf_zero.ZeroConfig(stage=stage)
             )
             full = engine.full_state_dict()
-            row = {"kind": kind, "stage": stage, "loss": _rel(ref_losses, losses), "norm": _rel(ref_norms, norms)}
+            row = {
+                "kind": kind,
+                "stage": stage,
+                "loss": _rel(ref_losses, losses),
+                "norm": _rel(ref_norms, norms),
+            }
             if rank == 0:
                 assert set(full) == set(ref_sd), set(full) ^ set(ref_sd)
                 row["weights"] = max_weight_diff(full, ref_sd)

@@ -1,0 +1,1 @@
+"""Shared test helpers: `dist.run_distributed` for multi-process gloo tests."""

@@ -1,0 +1,111 @@
+"""Tier 2: the ZeRO promise, measured. `memory_stats()` on every rank equals DESIGN.md §1's
+formula for each stage and precision, and `comm_stats()` over one optimizer step is 2Ψ elements
+(stages 0-2) or 3Ψ (stage 3), padding aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_zero
+from hf_zero.estimate import model_state_bytes
+from tests.helpers.dist import run_distributed
+from tests.parity_cases import global_batch, make_model, param_groups, rank_slice
+
+
+def test_formula_matches_design_table():
+    psi, n = 1000, 4
+    fp32 = {s: model_state_bytes(psi, world_size=n, stage=s)["total_bytes"] for s in range(4)}
+    assert fp32 == {
+        0: 16 * psi,
+        1: 8 * psi + 8 * psi / n,
+        2: 4 * psi + 12 * psi / n,
+        3: 16 * psi / n,
+    }
+    bf16 = {
+        s: model_state_bytes(psi, world_size=n, stage=s, mixed_precision="bf16")["total_bytes"]
+        for s in range(4)
+    }
+    assert bf16 == {
+        0: 16 * psi,
+        1: 4 * psi + 12 * psi / n,
+        2: 2 * psi + 14 * psi / n,
+        3: 16 * psi / n,
+    }
+    with pytest.raises(ValueError, match="stage must be 0, 1, 2 or 3, got 5"):
+        model_state_bytes(psi, world_size=n, stage=5)
+
+
+def _measure_worker(rank: int, world_size: int) -> list[dict]:
+    rows = []
+    for mixed in ("no", "bf16"):
+        for stage in range(4):
+            model = make_model("gpt2")
+            opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
+            engine = hf_zero.initialize(
+                model, opt, config=hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed)
+            )
+            # Step 1 creates the optimizer state; step 2 is the one whose traffic is counted.
+            for step in range(2):
+                before = engine.comm_stats()
+                loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
+                engine.backward(loss)
+                engine.step()
+                engine.zero_grad()
+            after = engine.comm_stats()
+            moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "total"}
+            layout = engine.layout
+            rows.append(
+                {
+                    "stage": stage,
+                    "mixed": mixed,
+                    "rank": rank,
+                    "numel": layout.trainable_numel(),
+                    "padded": sum(f.padded_numel for f in layout.flat_units if f.trainable),
+                    "flats": len(layout.flat_units),
+                    "opt_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
+                    "params": len(engine.sharded_optimizer.trainable_specs()),
+                    "memory": engine.memory_stats(),
+                    "moved": moved,
+                }
+            )
+    return rows
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_memory_and_communication_match_formula(world_size):
+    results = run_distributed(_measure_worker, world_size, timeout=600)
+    for rank_rows in results:
+        for r in rank_rows:
+            stage, mixed, n = r["stage"], r["mixed"], world_size
+            low = 4 if mixed == "no" else 2
+            want = model_state_bytes(r["numel"], world_size=n, stage=stage, mixed_precision=mixed)
+            got = r["memory"]
+            # Padding: fewer than N elements per flat unit, at most 16 bytes each; plus AdamW's
+            # 4-byte `step` tensor per optimizer parameter (one per flat unit shard).
+            slack = r["flats"] * n * 16 + 4 * r["opt_params"]
+            for key in ("param_bytes", "grad_bytes", "optim_bytes", "total_bytes"):
+                assert want[key] <= got[key] <= want[key] + slack, (key, r, want)
+            padded_bytes = r["padded"] * low
+            moved = r["moved"]
+            # One small fp32 all-reduce per step: the grad norm's sum of squares and a
+            # got-a-gradient flag per parameter (counted 2x, as every all-reduce).
+            small = 2 * 4 * (1 + r["params"])
+            if stage == 0:
+                assert moved == {"all_reduce": 2 * padded_bytes + small}, r
+            elif stage in (1, 2):
+                assert moved == {
+                    "reduce_scatter": padded_bytes,
+                    "all_gather": padded_bytes,
+                    "all_reduce": small,
+                }, r
+            else:
+                assert moved == {
+                    "reduce_scatter": padded_bytes,
+                    "all_gather": 2 * padded_bytes,
+                    "all_reduce": small,
+                }, r
+            volume = sum(moved.values()) - small
+            elements = volume / low
+            expected = (3 if stage == 3 else 2) * r["numel"]
+            assert expected <= elements <= expected + (3 if stage == 3 else 2) * r["flats"] * n, r
