@@ -70,10 +70,6 @@ class ProcessGroupInfo:
     world_size: int
     backend: str
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
 
 def resolve_group(group: dist.ProcessGroup | None) -> ProcessGroupInfo:
     """Describe `group` (default: the world), or a local group of one when torch.distributed

@@ -52,7 +52,9 @@ class ZeroConfig:
 
     max_inflight_reductions: int = 2
     """Stages 2-3: how many gradient buckets may be in flight before the oldest is waited for.
-    Bounds the transient full-gradient memory while keeping communication overlapped."""
+    Bounds the transient full-gradient memory while keeping communication overlapped. At stage 3
+    the bound is soft (finished buckets are freed as soon as they are seen complete, but backward
+    never blocks on one), because blocking could deadlock against another rank's all-gather."""
 
     initial_loss_scale: float = 2.0**16
     """fp16: the dynamic loss scaler's starting scale."""

@@ -149,6 +149,7 @@ class ZeroEngine(nn.Module):
                 dtype=self.compute_dtype,
                 tracker=self.tracker,
                 max_inflight=config.max_inflight_reductions,
+                block_on_inflight=stage != 3,
                 on_unit_grads_done=self.params_store.on_unit_grads_done if stage == 3 else None,
                 **reduce,
             )

@@ -281,12 +281,13 @@ class ShardedGrads(_GradStore):
         stats: comm.CommStats,
         tracker: BackwardTracker,
         max_inflight: int,
+        block_on_inflight: bool,
         on_unit_grads_done: Callable[[str], None] | None = None,
     ):
-        """`on_unit_grads_done` (stage 3) is called when every trainable parameter of a unit has
-        its gradient; it also makes the in-flight bound non-blocking (see BucketScheduler)."""
+        """`block_on_inflight`: see BucketScheduler (False at stage 3). `on_unit_grads_done`
+        (stage 3) is called when every trainable parameter of a unit has its gradient."""
         self.group, self.stats, self.dtype = group, stats, dtype
-        self.max_inflight = max_inflight
+        self.max_inflight, self.block_on_inflight = max_inflight, block_on_inflight
         self.shards: dict[int, torch.Tensor] = {}
         for fu in _trainable(layout):
             device = params[fu.params[0].name].device
@@ -307,7 +308,7 @@ class ShardedGrads(_GradStore):
         return self.max_inflight
 
     def _blocking(self) -> bool:
-        return self._on_unit_grads_done is None
+        return self.block_on_inflight
 
     def _on_grad(self, p: nn.Parameter) -> None:
         self.tracker.enter()

@@ -305,6 +305,9 @@ class ShardedParams:
             self.release(unit)
 
     def end_backward(self) -> None:
+        if self._bwd_seq is None and self._backward_units:
+            # No output of this rank's units got a gradient, but other ranks' may have.
+            self._bwd_seq, self._bwd_cursor = self._backward_sequence(), 0
         if self._bwd_seq is not None:
             while self._bwd_cursor < len(self._bwd_seq):
                 self.release(self._advance())
