@@ -98,6 +98,10 @@ class ZeroEngine(nn.Module):
 
         found = discover_params(model, optimizer, config.unit_modules)
         self.params_by_name = found.params
+        # The dtypes the model came with: what an HF export writes by default.
+        self.param_dtypes = {
+            n: str(p.dtype).removeprefix("torch.") for n, p in found.params.items()
+        }
         stage = config.stage
         self.layout = plan_layout(
             found.entries,
@@ -108,6 +112,8 @@ class ZeroEngine(nn.Module):
 
         def owned(fu: FlatUnit) -> tuple[int, int]:
             return (0, fu.padded_numel) if stage == 0 else fu.shard_range(rank)
+
+        self.owned = owned  # the flat range [lo, hi) this rank's master and optimizer cover
 
         self.tracker = BackwardTracker()
         common = dict(group=self.group, stats=self.stats)
@@ -251,7 +257,7 @@ class ZeroEngine(nn.Module):
             if self.config.gradient_clipping is not None and not self._clipped:
                 self.sharded_optimizer.clip(self.grad_norm, self.config.gradient_clipping)
             self.sharded_optimizer.step(self._untouched)
-            self._write_back()
+            self._write_back(self.sharded_optimizer.trainable())
             self.global_steps += 1
         self.scaler.update(overflow)
         self.grads.got_grad.clear()
@@ -261,13 +267,13 @@ class ZeroEngine(nn.Module):
         return not overflow
 
     @torch.no_grad()
-    def _write_back(self) -> None:
-        trainable = self.sharded_optimizer.trainable()
-        for fu in trainable:
+    def _write_back(self, fus: list[FlatUnit]) -> None:
+        """Copy masters into the compute parameters they do not alias, and share them."""
+        for fu in fus:
             master, local = self.sharded_optimizer.masters[fu.index], self.params_store.local(fu)
             if master.data_ptr() != local.data_ptr():
                 local.copy_(master)
-        self.params_store.publish(trainable)
+        self.params_store.publish(fus)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients this rank holds (the flat buffers stay allocated)."""
@@ -277,6 +283,40 @@ class ZeroEngine(nn.Module):
         self._clipped = False
 
     # ---- state -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, path, *, tokenizer=None):
+        """Write a sharded checkpoint (DESIGN.md §5): every rank writes its own files, atomically.
+        Collective. Returns the checkpoint path."""
+        from .checkpoint.sharded import save_checkpoint
+
+        return save_checkpoint(self, path, tokenizer=tokenizer)
+
+    def load_checkpoint(self, path) -> dict:
+        """Load a checkpoint saved at any world size and stage; each rank reads only its byte
+        ranges, after checking sizes and checksums. Collective. Returns the manifest."""
+        from .checkpoint.sharded import load_checkpoint
+
+        return load_checkpoint(self, path)
+
+    def load_state_after_checkpoint(self, manifest: dict) -> None:
+        """After the masters and optimizer state are loaded: parameters, scaler, counters."""
+        self._write_back(list(self.layout.flat_units))
+        self.scaler.load_state_dict(
+            manifest.get("loss_scaler") or {}
+        ) if self.scaler.dynamic else None
+        self.global_steps = int(manifest["step"])
+        self.skipped_steps = int(manifest.get("skipped_steps", 0))
+        self.zero_grad()
+
+    def export_dtype(self, key: str) -> str:
+        """The dtype an HF export writes for state-dict key `key` (the model's own)."""
+        if key in self.param_dtypes:
+            return self.param_dtypes[key]
+        for fu in self.layout.flat_units:
+            for p in fu.params:
+                if key in p.aliases:
+                    return self.param_dtypes[p.name]
+        return str(self.module.state_dict()[key].dtype).removeprefix("torch.")
 
     @torch.no_grad()
     def full_state_dict(self, *, all_ranks: bool = False, dtype: torch.dtype | None = None) -> dict:

@@ -29,6 +29,8 @@ __all__ = [
     "Layout",
     "pad_to_multiple",
     "plan_layout",
+    "SliceRead",
+    "plan_reads",
 ]
 
 FROZEN = -1
@@ -117,7 +119,10 @@ class FlatUnit:
 
     def shard_pieces(self, rank: int) -> list[ShardPiece]:
         """The parameter pieces inside `rank`'s shard, in flat order (padding excluded)."""
-        lo, hi = self.shard_range(rank)
+        return self.pieces_in(*self.shard_range(rank))
+
+    def pieces_in(self, lo: int, hi: int) -> list[ShardPiece]:
+        """The parameter pieces inside the flat range [lo, hi); shard_start is relative to lo."""
         pieces = []
         for p in self.params:
             start, end = max(lo, p.offset), min(hi, p.offset + p.numel)
@@ -219,3 +224,48 @@ def plan_layout(
             offset += prod(p.shape)
         flat_units.append(FlatUnit(i, tuple(units), g, tuple(specs), world_size))
     return Layout(world_size, tuple(flat_units))
+
+
+@dataclass(frozen=True)
+class SliceRead:
+    """Copy `length` elements of source rank `src_rank`'s shard of source flat unit `src_flat`,
+    from `src_start`, to `dst_start` of the destination buffer."""
+
+    src_rank: int
+    src_flat: int
+    src_start: int
+    dst_start: int
+    length: int
+
+
+def plan_reads(src: Layout, dst: FlatUnit, lo: int, hi: int) -> list[SliceRead]:
+    """Where the elements [lo, hi) of destination flat unit `dst` live in a checkpoint saved with
+    layout `src` (any world size, any stage). Parameters are matched by name; padding is left
+    out (the destination keeps zeros there).
+
+    Raises:
+        KeyError: a parameter of `dst` is not in `src`.
+        ValueError: a parameter's shape differs.
+    """
+    where = {}
+    for f in src.flat_units:
+        for p in f.params:
+            where[p.name] = (f, p)
+    reads = []
+    for piece in dst.pieces_in(lo, hi):
+        if piece.param.name not in where:
+            raise KeyError(f"parameter {piece.param.name!r} is not in the checkpoint")
+        f, p = where[piece.param.name]
+        if tuple(p.shape) != tuple(piece.param.shape):
+            raise ValueError(
+                f"parameter {p.name!r} has shape {tuple(p.shape)} in the checkpoint but "
+                f"{tuple(piece.param.shape)} in the model"
+            )
+        element = p.offset + piece.param_start  # in the source flat unit
+        remaining, dst_start = piece.length, piece.shard_start
+        while remaining:
+            rank, start = divmod(element, f.shard_numel)
+            n = min(remaining, f.shard_numel - start)
+            reads.append(SliceRead(rank, f.index, start, dst_start, n))
+            element, dst_start, remaining = element + n, dst_start + n, remaining - n
+    return reads
