@@ -47,7 +47,7 @@ from .format import (
 if TYPE_CHECKING:
     from ..engine import ZeroEngine
 
-__all__ = ["save_checkpoint", "load_checkpoint", "export_keys"]
+__all__ = ["save_checkpoint", "load_checkpoint", "export_keys", "latest_checkpoint"]
 
 
 def _flat_key(index: int) -> str:
@@ -320,10 +320,17 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
     files = _Files(ckpt, manifest)
     state_keys = manifest["optimizer"].get("state_keys", {})
     opt = engine.optimizer
+    plans = {fu.index: plan_reads(src, fu, *engine.owned(fu)) for fu in engine.layout.flat_units}
+    # Check every file this rank will read before changing anything: a bad file leaves the
+    # engine as it was.
+    ranks = sorted({0} | {rd.src_rank for reads in plans.values() for rd in reads})
+    for r in ranks:
+        files.get("params", r)
+        if state_keys:
+            files.get("optim", r)
     for fu in engine.layout.flat_units:
-        lo, hi = engine.owned(fu)
         master = engine.sharded_optimizer.masters[fu.index]
-        reads = plan_reads(src, fu, lo, hi)
+        reads = plans[fu.index]
         master.zero_()
         for rd in reads:
             chunk = files.read(
@@ -367,3 +374,26 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
             _restore_rng(verify_file(ckpt, manifest, rng))
     comm.barrier(group=engine.group)
     return manifest
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete checkpoint under `root` with the highest step (ties: newest name), or None.
+
+    A directory counts only if its manifest reads and checks (a save that died before its final
+    rename is a `*.tmp-*` directory without one). Files are not hashed here; `load_checkpoint`
+    verifies what it reads.
+    """
+    best, best_key = None, None
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or ".tmp-" in d.name or ".old-" in d.name:
+            continue
+        try:
+            step = int(read_manifest(d)["step"])
+        except CheckpointError:
+            continue
+        if best_key is None or (step, d.name) > best_key:
+            best, best_key = d, (step, d.name)
+    return best

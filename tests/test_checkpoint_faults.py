@@ -1,0 +1,222 @@
+"""Tier 2/3: a checkpoint never loses data and never loads garbage.
+
+Corrupted inputs (truncated file, flipped byte, missing rank file, a manifest from another
+model, an unsupported format_version, file names that point outside the directory) each fail
+with a CheckpointError naming the file and what is wrong, before anything is loaded. A rank
+SIGKILLed in the middle of a save leaves the previous checkpoint intact, and
+`latest_checkpoint` picks the newest complete one. Nothing in a checkpoint is a pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+
+import hf_zero
+from hf_zero.checkpoint import CheckpointError, latest_checkpoint
+from tests.helpers.dist import run_distributed
+from tests.parity_cases import make_model, param_groups
+
+IDS = torch.arange(16).reshape(2, 8) % 97
+
+
+def _engine(stage=1, kind="gpt2"):
+    model = make_model(kind)
+    return hf_zero.initialize(
+        model,
+        torch.optim.AdamW(param_groups(model), lr=1e-3),
+        config=hf_zero.ZeroConfig(stage=stage),
+    )
+
+
+def _train_one(engine):
+    engine.backward(engine(input_ids=IDS, labels=IDS).loss)
+    engine.step()
+    engine.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A one-rank checkpoint (no process group: world size 1 runs the same code)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    engine = _engine()
+    _train_one(engine)
+    engine.save_checkpoint(root / "good")
+    return root / "good"
+
+
+@pytest.fixture
+def ckpt(saved, tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(saved, path)
+    return path
+
+
+def _load_fresh(path):
+    engine = _engine()
+    engine.load_checkpoint(path)
+
+
+def test_round_trip_at_world_size_one(ckpt):
+    engine = _engine()
+    engine.load_checkpoint(ckpt)
+    assert engine.global_steps == 1
+    files = sorted(os.listdir(ckpt / "zero"))
+    assert files == [
+        "manifest.json",
+        "optim-rank00000-of-00001.safetensors",
+        "params-rank00000-of-00001.safetensors",
+        "rng-rank00000-of-00001.safetensors",
+    ]
+    assert (ckpt / "config.json").is_file() and (ckpt / "generation_config.json").is_file()
+
+
+def test_truncated_file(ckpt):
+    f = ckpt / "zero" / "params-rank00000-of-00001.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(f)) + r": \d+ bytes, the manifest says \d+ \(truncated"
+    ):
+        _load_fresh(ckpt)
+
+
+def test_flipped_byte(ckpt):
+    f = ckpt / "zero" / "optim-rank00000-of-00001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-7] ^= 0x40
+    f.write_bytes(bytes(data))
+    engine = _engine()
+    before = engine.full_state_dict()
+    with pytest.raises(CheckpointError, match=re.escape(str(f)) + r": sha256 .* \(corrupted\)"):
+        engine.load_checkpoint(ckpt)
+    # Every file is checked before anything is loaded: the engine is exactly as it was.
+    after = engine.full_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert engine.global_steps == 0 and not engine.optimizer.state
+
+
+def test_missing_rank_file(ckpt):
+    (ckpt / "zero" / "params-rank00000-of-00001.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError,
+        match="checkpoint was saved by 1 ranks but file "
+        "params-rank00000-of-00001.safetensors is missing",
+    ):
+        _load_fresh(ckpt)
+
+
+def test_manifest_from_another_model(ckpt, tmp_path):
+    other = _engine(kind="bert")
+    other.save_checkpoint(tmp_path / "bert")
+    shutil.copy(tmp_path / "bert" / "zero" / "manifest.json", ckpt / "zero" / "manifest.json")
+    with pytest.raises(CheckpointError, match=re.escape(str(ckpt)) + " holds another model"):
+        _load_fresh(ckpt)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unsupported_format_version(ckpt, version):
+    m = ckpt / "zero" / "manifest.json"
+    data = json.loads(m.read_text())
+    data["format_version"] = version
+    m.write_text(json.dumps(data))
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{m}: format_version {version!r} is not supported")
+    ):
+        _load_fresh(ckpt)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../params-rank00000-of-00001.safetensors",
+        "/etc/passwd",
+        "params-rank00000-of-00001.safetensors/..",
+    ],
+)
+def test_manifest_cannot_point_outside_the_directory(ckpt, name):
+    m = ckpt / "zero" / "manifest.json"
+    data = json.loads(m.read_text())
+    data["files"][name] = {"size": 1, "sha256": "0" * 64}
+    m.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="is not a shard file name"):
+        _load_fresh(ckpt)
+
+
+def test_symlinked_shard_is_refused(ckpt, tmp_path):
+    f = ckpt / "zero" / "params-rank00000-of-00001.safetensors"
+    target = tmp_path / "elsewhere.safetensors"
+    shutil.move(f, target)
+    f.symlink_to(target)
+    with pytest.raises(CheckpointError, match="params-rank00000-of-00001.safetensors is missing"):
+        _load_fresh(ckpt)
+
+
+def test_no_manifest_is_not_a_checkpoint(ckpt):
+    (ckpt / "zero" / "manifest.json").unlink()
+    with pytest.raises(
+        CheckpointError, match=re.escape(str(ckpt / "zero" / "manifest.json")) + ": no manifest"
+    ):
+        _load_fresh(ckpt)
+
+
+def test_nothing_is_a_pickle(ckpt):
+    for name in os.listdir(ckpt / "zero"):
+        head = (ckpt / "zero" / name).read_bytes()[:16]
+        assert not head.startswith(b"\x80"), name  # pickle protocol 2+ opcode
+        assert b"PK\x03\x04" not in head, name  # torch.save zip container
+    from safetensors import safe_open
+
+    for name in os.listdir(ckpt / "zero"):
+        if name.endswith(".safetensors"):
+            with safe_open(str(ckpt / "zero" / name), "pt") as f:
+                assert f.metadata()["format"] == "pt"
+
+
+# ---- SIGKILL in the middle of a save -----------------------------------------------------------
+
+
+def _save_then_die(rank, world_size, root):
+    import hf_zero.checkpoint.sharded as sharded
+
+    engine = _engine(stage=2)
+    _train_one_sharded(engine, rank)
+    engine.save_checkpoint(os.path.join(root, "checkpoint-1"))
+    _train_one_sharded(engine, rank)
+    if rank == 1:
+        real = sharded._write_rank_files
+
+        def write_then_die(engine, zero_dir):
+            real(engine, zero_dir)
+            os.kill(os.getpid(), signal.SIGKILL)  # files written, manifest not yet
+
+        sharded._write_rank_files = write_then_die
+    engine.save_checkpoint(os.path.join(root, "checkpoint-2"))
+
+
+def _train_one_sharded(engine, rank):
+    ids = IDS + rank
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    engine.zero_grad()
+
+
+def _resume(rank, world_size, root):
+    path = latest_checkpoint(root)
+    engine = _engine(stage=2)
+    engine.load_checkpoint(path)
+    return os.path.basename(path), engine.global_steps
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(AssertionError, match="rank 1 was killed by signal SIGKILL"):
+        run_distributed(_save_then_die, 2, root, timeout=120)
+    names = sorted(os.listdir(root))
+    assert "checkpoint-1" in names and "checkpoint-2" not in names, names
+    assert any(n.startswith("checkpoint-2.tmp-") for n in names), names  # the dead save's debris
+    assert run_distributed(_resume, 2, root) == [("checkpoint-1", 1)] * 2
