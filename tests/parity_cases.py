@@ -22,7 +22,7 @@ VOCAB = 97
 LABELS = 3
 
 
-def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def make_model(kind: str, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -33,8 +33,8 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
             n_head=2,
             vocab_size=VOCAB,
             n_positions=SEQ,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
             attn_pdrop=0.0,
         )
         return GPT2LMHeadModel(cfg)

@@ -174,7 +174,12 @@ def test_nothing_is_a_pickle(ckpt):
     for name in os.listdir(ckpt / "zero"):
         if name.endswith(".safetensors"):
             with safe_open(str(ckpt / "zero" / name), "pt") as f:
-                assert f.metadata()["format"] == "pt"
+                meta = f.metadata()
+                assert meta["format"] == "pt"
+                # ... plus the file's own slice of the layout.
+                pieces = json.loads(meta["hf_zero"])["layout_slice"]
+                names = {p[0] for unit in pieces for p in unit["pieces"]}
+                assert "transformer.wte.weight" in names and "lm_head.weight" not in names
 
 
 # ---- SIGKILL in the middle of a save -----------------------------------------------------------

@@ -17,7 +17,8 @@ from tests.helpers.dist import run_distributed
 from tests.parity_cases import PER_RANK, VOCAB, make_model, max_weight_diff, param_groups
 
 K = 3
-CASES = [(stage, mixed) for mixed in ("no", "bf16") for stage in range(4)]
+# (stage, precision); "dropout" is fp32 with dropout on: bit-identical only if the RNG resumes.
+CASES = [(stage, mixed) for mixed in ("no", "bf16") for stage in range(4)] + [(2, "dropout")]
 GLOBAL_ROWS = 6 * PER_RANK  # divisible by 1, 2 and 3 ranks
 
 
@@ -43,9 +44,11 @@ def _train(engine, rank, world_size, first_step, steps):
 
 
 def _engine(stage, mixed="no"):
-    model = make_model("gpt2")
+    model = make_model("gpt2", dropout=0.1 if mixed == "dropout" else 0.0)
+    model.train()
     opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
-    config = hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed, gradient_clipping=1.0)
+    precision = "no" if mixed == "dropout" else mixed
+    config = hf_zero.ZeroConfig(stage=stage, mixed_precision=precision, gradient_clipping=1.0)
     return hf_zero.initialize(model, opt, config=config)
 
 

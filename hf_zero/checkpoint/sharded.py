@@ -120,9 +120,28 @@ def _restore_rng(path: Path) -> None:
 
 def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
     rank, ws = engine.rank, engine.world_size
+    # Each file carries its own slice of the layout: which parameter elements it holds, where.
+    layout_slice = [
+        {
+            "flat": fu.index,
+            "range": list(fu.shard_range(rank)),
+            "pieces": [
+                [p.param.name, p.param_start, p.shard_start, p.length]
+                for p in fu.shard_pieces(rank)
+            ],
+        }
+        for fu in engine.layout.flat_units
+    ]
     header = {
         "format": "pt",
-        "hf_zero": json.dumps({"rank": rank, "world_size": ws, "format_version": FORMAT_VERSION}),
+        "hf_zero": json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "rank": rank,
+                "world_size": ws,
+                "layout_slice": layout_slice,
+            }
+        ),
     }
     params, optim, state_meta = {}, {}, {}
     opt = engine.optimizer
