@@ -83,7 +83,6 @@ class ZeroEngine(nn.Module):
         self.config = config
         self.module = model
         self.group = comm.resolve_group(group)
-        self.reduce_group = comm.new_group_like(self.group)  # gradient reductions only
         self.stats = comm.CommStats()
         self.compute_dtype = compute_dtype_for(config.mixed_precision)
         if config.mixed_precision == "fp16":
@@ -109,6 +108,8 @@ class ZeroEngine(nn.Module):
             bucket_size=None if stage == 3 else config.bucket_size,
         )
         rank = self.group.rank
+        # Created after every check above, so a bad input fails before any collective.
+        self.reduce_group = comm.new_group_like(self.group)  # gradient reductions only
 
         def owned(fu: FlatUnit) -> tuple[int, int]:
             return (0, fu.padded_numel) if stage == 0 else fu.shard_range(rank)
