@@ -1,8 +1,8 @@
 """Offline export of a sharded checkpoint to the folder `model.save_pretrained` writes (§6).
 
 No process group, no GPU, no optimizer file: only the manifest and the params-rank files are
-read, and of those only the byte ranges each exported tensor needs. Peak memory is about one
-output shard plus one tensor, whatever the model size.
+read, and of those only the byte ranges each exported tensor needs. Peak memory is a few read
+blocks (BLOCK elements each) above the interpreter's own, whatever the model and shard size.
 
 Phases:
   1. Read the manifest; check every params-rank file against it (size + sha256).
@@ -11,9 +11,12 @@ Phases:
      or a `buffer:` tensor of rank 0's params file), its shape and its output dtype; split the
      keys into output shards exactly as huggingface_hub's `split_torch_state_dict_into_shards`
      does for `save_pretrained` (same order, same file names).
-  3. For each output shard: assemble each tensor from the ranks' slices of its flat unit (rank r
-     holds elements [r*S, (r+1)*S), S = padded_numel // world_size), casting while copying, and
-     write the shard with safetensors (`{"format": "pt"}` metadata).
+  3. For each output shard: write the safetensors header (`{"format": "pt"}` metadata; offsets
+     known from the plan), then stream each tensor's bytes in blocks of at most BLOCK elements,
+     read from the ranks' slices of its flat unit (rank r holds elements [r*S, (r+1)*S),
+     S = padded_numel // world_size) and cast block by block. A tensor's flat elements are
+     contiguous in its flat unit and in the output, so the blocks are written in order and no
+     tensor, let alone a shard, is ever assembled in memory.
   4. Write the index (sharded exports only), copy config and tokenizer files, then move the
      temporary folder into place.
 """
@@ -24,13 +27,16 @@ import json
 import os
 import re
 import shutil
+import struct
+import sys
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .format import ZERO_DIR, CheckpointError, read_manifest, shard_file, verify_file
 
@@ -57,6 +63,8 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# Elements per read: bounds memory (32 MB of fp32) while keeping reads large.
+BLOCK = 1 << 23
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -70,6 +78,7 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _UNITS = {
     "": 1,
     "B": 1,
@@ -166,7 +175,7 @@ def _rank_slices(offset: int, numel: int, shard_numel: int) -> list[tuple[int, i
 
 
 def _resolve_dtype(dtype) -> torch.dtype | str | None:
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype == "auto" or dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
         raise ValueError(
@@ -176,55 +185,55 @@ def _resolve_dtype(dtype) -> torch.dtype | str | None:
 
 
 class _Params:
-    """The params-rank files, each checked against the manifest, opened once. Reads go through
-    `pread` where safetensors offers it, so no file stays mapped into this process's memory."""
+    """The params-rank files, each checked against the manifest (size + sha256) up front.
+
+    A read is a zero-copy view of a memory map opened for one block and closed after it: the
+    pages a block touches stay resident only while it is written. (A file kept open would keep
+    every page read so far resident, and the RSS would grow to the checkpoint's size.)
+    """
 
     def __init__(self, ckpt: Path, manifest: dict):
-        self.ckpt, self.manifest = ckpt, manifest
         self.world_size = manifest["world_size"]
-        self.paths = [
-            verify_file(ckpt, manifest, shard_file("params", r, self.world_size))
-            for r in range(self.world_size)
-        ]
-        self._open: dict[int, object] = {}
 
-    def open(self, rank: int):
-        if rank not in self._open:
-            path = str(self.paths[rank])
-            try:
-                self._open[rank] = safe_open(path, "pt", backend="pread")
-            except TypeError:  # safetensors < 0.8 has no backend choice
-                self._open[rank] = safe_open(path, "pt")
-        return self._open[rank]
+        def verify(rank: int) -> Path:
+            return verify_file(ckpt, manifest, shard_file("params", rank, self.world_size))
 
-    def slice(self, rank: int, key: str):
-        f = self.open(rank)
-        if key not in f.keys():
+        # Hashing is most of the time left; hashlib and file reads release the GIL.
+        with ThreadPoolExecutor(min(self.world_size, os.cpu_count() or 1, 8)) as pool:
+            self.paths = list(pool.map(verify, range(self.world_size)))
+        self.tensors: list[dict[str, tuple[list[int], str]]] = []  # per rank: shape, dtype
+        for path in self.paths:
+            with safe_open(str(path), "pt") as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                self.tensors.append({k: (s.get_shape(), s.get_dtype()) for k, s in slices.items()})
+
+    def info(self, rank: int, key: str) -> tuple[list[int], str]:
+        """(shape, safetensors dtype name) of tensor `key` in rank `rank`'s file."""
+        if key not in self.tensors[rank]:
             raise CheckpointError(f"{self.paths[rank]}: tensor {key!r} is missing")
-        return f.get_slice(key)
+        return self.tensors[rank][key]
 
     def check_flat(self, flat: int, shard_numel: int) -> None:
         for r in range(self.world_size):
-            shape = self.slice(r, f"flat{flat:05d}").get_shape()
-            if shape != [shard_numel]:
+            shape, dtype = self.info(r, f"flat{flat:05d}")
+            if shape != [shard_numel] or dtype != "F32":
                 raise CheckpointError(
-                    f"{self.paths[r]}: tensor 'flat{flat:05d}' has shape {shape}, the layout says "
-                    f"[{shard_numel}]"
+                    f"{self.paths[r]}: tensor 'flat{flat:05d}' is {dtype} {shape}, the layout "
+                    f"says F32 [{shard_numel}]"
                 )
 
-    def read(self, e: _Export) -> torch.Tensor:
-        """The tensor `e`, assembled and cast, shaped as in the model."""
-        if e.flat is None:
-            return self.slice(0, f"buffer:{e.key}")[:].to(e.dtype).reshape(e.shape)
-        pieces = _rank_slices(e.offset, e.numel, e.shard_numel)
+    def blocks(self, e: _Export) -> Iterator[torch.Tensor]:
+        """The elements of `e` in order, as 1D blocks of at most BLOCK elements, cast. A block
+        must not be used after the next one is asked for."""
+        if e.flat is None:  # buffers are small
+            with safe_open(str(self.paths[0]), "pt") as f:
+                yield f.get_tensor(f"buffer:{e.key}").reshape(-1).to(e.dtype)
+            return
         key = f"flat{e.flat:05d}"
-        if len(pieces) == 1:
-            rank, start, _, n = pieces[0]
-            return self.slice(rank, key)[start : start + n].to(e.dtype).reshape(e.shape)
-        out = torch.empty(e.numel, dtype=e.dtype)
-        for rank, start, dst, n in pieces:
-            out[dst : dst + n].copy_(self.slice(rank, key)[start : start + n])
-        return out.reshape(e.shape)
+        for rank, start, _, n in _rank_slices(e.offset, e.numel, e.shard_numel):
+            for a in range(start, start + n, BLOCK):
+                with safe_open(str(self.paths[rank]), "pt") as f:
+                    yield f.get_slice(key)[a : min(a + BLOCK, start + n)].to(e.dtype)
 
 
 def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
@@ -241,9 +250,9 @@ def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
     for key in export["keys"]:
         if dtype == "auto":
             name = saved_dtypes.get(key)
-            if name not in DTYPES and not isinstance(getattr(torch, str(name), None), torch.dtype):
-                raise CheckpointError(f"{where}: hf_export has no usable dtype for {key!r}")
-            want = getattr(torch, name)
+            want = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(want, torch.dtype):
+                raise CheckpointError(f"{where}: hf_export gives no dtype for {key!r}: {name!r}")
         else:
             want = dtype
         if key in by_name:
@@ -251,22 +260,52 @@ def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
             if fu.index not in checked:
                 params.check_flat(fu.index, fu.shard_numel)
                 checked.add(fu.index)
-            plan.append(_Export(key, p.shape, want or torch.float32, fu.index, p.offset, fu.shard_numel))
+            plan.append(
+                _Export(key, p.shape, want or torch.float32, fu.index, p.offset, fu.shard_numel)
+            )
             continue
-        f = params.open(0)
-        if f"buffer:{key}" not in f.keys():
+        if f"buffer:{key}" not in params.tensors[0]:
             raise CheckpointError(
                 f"{where}: export key {key!r} is neither a parameter of the layout nor a buffer "
                 f"in {params.paths[0].name}"
             )
-        sl = f.get_slice(f"buffer:{key}")
-        have = _ST_DTYPES.get(sl.get_dtype())
+        shape, st_dtype = params.info(0, f"buffer:{key}")
+        have = _ST_DTYPES.get(st_dtype)
         if have is None:
-            raise CheckpointError(f"{params.paths[0]}: buffer {key!r} has dtype {sl.get_dtype()}")
+            raise CheckpointError(f"{params.paths[0]}: buffer {key!r} has dtype {st_dtype}")
         if want is None or not have.is_floating_point:
             want = have  # integer buffers (position ids...) keep their dtype, as save_pretrained
-        plan.append(_Export(key, tuple(sl.get_shape()), want, None))
+        plan.append(_Export(key, tuple(shape), want, None))
     return plan
+
+
+def _write_shard(path: Path, exports: list[_Export], params: _Params, bar) -> None:
+    """One safetensors file, streamed: header first (the plan gives every offset), then each
+    tensor's bytes block by block. Tensors are laid out by decreasing element size, as the
+    safetensors writer does, so every tensor is aligned to its element size."""
+    order = sorted(exports, key=lambda e: -e.dtype.itemsize)  # stable: key order within a size
+    header: dict = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for e in order:
+        header[e.key] = {
+            "dtype": _ST_NAMES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [pos, pos + e.nbytes],
+        }
+        pos += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in order:
+            written = 0
+            for block in params.blocks(e):
+                data = block.contiguous().view(torch.uint8).numpy()
+                f.write(data)
+                written += data.nbytes
+            assert written == e.nbytes, (e.key, written, e.nbytes)
+            bar.update()
 
 
 def _prepare_output(out: Path, ckpt: Path, overwrite: bool) -> None:
@@ -284,11 +323,12 @@ def _prepare_output(out: Path, ckpt: Path, overwrite: bool) -> None:
 def _write_config(src: Path, dst: Path, dtype) -> None:
     """config.json as save_pretrained writes it for a model cast to one dtype: its "dtype" field
     names that dtype (from_pretrained's default dtype="auto" follows it)."""
-    if not isinstance(dtype, torch.dtype):
+    config = json.loads(src.read_text())
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, torch.dtype) or config.get("dtype") == name:
         shutil.copyfile(src, dst)
         return
-    config = json.loads(src.read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
     if "torch_dtype" in config:
         config["torch_dtype"] = config["dtype"]
     dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -326,6 +366,8 @@ def consolidate(
         FileExistsError: `output_dir` is not empty and `overwrite` is False.
         ValueError: bad `dtype` or `max_shard_size`, or `output_dir` would replace the checkpoint.
     """
+    if sys.byteorder != "little":  # safetensors stores little-endian; blocks are written raw
+        raise RuntimeError("consolidate writes safetensors byte by byte: little-endian hosts only")
     ckpt, out = Path(checkpoint_dir), Path(output_dir)
     want = _resolve_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
@@ -343,15 +385,9 @@ def consolidate(
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan), unit="tensor", desc="consolidate", disable=not progress)
-        for name, keys in zip(names, shards):
-            tensors = {}
-            for key in keys:
-                tensors[key] = params.read(by_key[key])
-                bar.update()
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            del tensors
-        bar.close()
+        with tqdm(total=len(plan), unit="tensor", desc="consolidate", disable=not progress) as bar:
+            for name, keys in zip(names, shards):
+                _write_shard(tmp / name, [by_key[k] for k in keys], params, bar)
         if len(names) > 1:
             index = {
                 "metadata": {

@@ -1,0 +1,74 @@
+"""What a sharded checkpoint holds, and whether its files are intact (`hf-zero inspect`).
+
+Reads the manifest and hashes every file it lists; loads no tensor. The result is a plain dict
+so the command line (or a script) can print it as it likes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .format import ZERO_DIR, CheckpointError, read_manifest, verify_file
+
+__all__ = ["inspect_checkpoint"]
+
+
+def inspect_checkpoint(checkpoint_dir: str | os.PathLike, *, verify: bool = True) -> dict:
+    """Summarise a checkpoint.
+
+    Args:
+        checkpoint_dir: a sharded checkpoint (format v1).
+        verify: check every listed file's size and sha256 against the manifest.
+
+    Returns:
+        A dict: format_version, stage, world_size, mixed_precision, step, skipped_steps,
+        model_class, optimizer ({"class", "param_groups"}), num_parameters (distinct),
+        trainable_parameters, flat_units, export_keys (number of tensors an HF export writes),
+        files (list of {"name", "size", "ok", "error"}; ok is None when not verified),
+        extra_files (files in zero/ the manifest does not list), ok (every verified file is
+        intact).
+
+    Raises:
+        CheckpointError: no readable manifest.
+    """
+    ckpt = Path(checkpoint_dir)
+    m = read_manifest(ckpt)
+    layout = m["_layout"]
+    files = []
+    for name in sorted(m["files"]):
+        path = ckpt / ZERO_DIR / name
+        entry = {"name": name, "size": m["files"][name]["size"], "ok": None, "error": None}
+        if verify:
+            try:
+                verify_file(ckpt, m, name)
+                entry["ok"] = True
+            except CheckpointError as e:
+                entry["ok"], entry["error"] = False, str(e)
+        if path.is_file():
+            entry["size"] = path.stat().st_size
+        files.append(entry)
+    listed = set(m["files"]) | {"manifest.json"}
+    extra = sorted(p.name for p in (ckpt / ZERO_DIR).iterdir() if p.name not in listed)
+    optimizer = m.get("optimizer", {})
+    return {
+        "path": str(ckpt),
+        "format_version": m["format_version"],
+        "stage": m["stage"],
+        "world_size": m["world_size"],
+        "mixed_precision": m["mixed_precision"],
+        "step": m["step"],
+        "skipped_steps": m.get("skipped_steps", 0),
+        "model_class": m.get("model_class"),
+        "optimizer": {
+            "class": optimizer.get("class"),
+            "param_groups": optimizer.get("param_groups", []),
+        },
+        "num_parameters": layout.numel,
+        "trainable_parameters": layout.trainable_numel(),
+        "flat_units": len(layout.flat_units),
+        "export_keys": len(m.get("hf_export", {}).get("keys", [])),
+        "files": files,
+        "extra_files": extra,
+        "ok": all(f["ok"] is not False for f in files),
+    }
