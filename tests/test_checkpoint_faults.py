@@ -225,3 +225,32 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert "checkpoint-1" in names and "checkpoint-2" not in names, names
     assert any(n.startswith("checkpoint-2.tmp-") for n in names), names  # the dead save's debris
     assert run_distributed(_resume, 2, root) == [("checkpoint-1", 1)] * 2
+
+
+def test_export_refuses_models_whose_save_converts_weights(tmp_path, saved):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            num_hidden_layers=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=2,
+            vocab_size=50,
+        )
+    )
+    engine = hf_zero.initialize(
+        model, torch.optim.AdamW(model.parameters()), config=hf_zero.ZeroConfig(stage=1)
+    )
+    engine.save_checkpoint(tmp_path / "moe")
+    assert (
+        json.loads((saved / "zero" / "manifest.json").read_text())["hf_export"]["weight_conversion"]
+        is False
+    )
+    with pytest.raises(CheckpointError, match="MixtralForCausalLM converts its weights when saved"):
+        hf_zero.consolidate(tmp_path / "moe", tmp_path / "out")
+    # The sharded checkpoint itself still round-trips.
+    engine.load_checkpoint(tmp_path / "moe")

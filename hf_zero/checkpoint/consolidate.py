@@ -240,6 +240,13 @@ def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
     export = manifest.get("hf_export")
     if not isinstance(export, dict) or not isinstance(export.get("keys"), list):
         raise CheckpointError(f"{where}: the manifest has no hf_export keys")
+    if export.get("weight_conversion"):
+        raise CheckpointError(
+            f"{where}: {manifest.get('model_class', 'this model')} converts its weights when saved "
+            "(save_pretrained writes other tensors than the model holds, e.g. fused experts split "
+            "per expert); the hf_zero export cannot reproduce that yet. Load the checkpoint into "
+            "the model with engine.load_checkpoint and use full_state_dict()"
+        )
     saved_dtypes = export.get("dtypes", {})
     by_name = {}
     for fu in manifest["_layout"].flat_units:

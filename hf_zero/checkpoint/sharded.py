@@ -62,20 +62,27 @@ def _saved_slice(engine: ZeroEngine, fu, tensor: torch.Tensor) -> torch.Tensor:
     return tensor[s_lo - lo : s_hi - lo]
 
 
-def export_keys(module: torch.nn.Module) -> list[str]:
+def export_keys(module: torch.nn.Module) -> tuple[list[str], bool]:
     """The tensor names `save_pretrained` writes for this model: its state dict without the
-    tied copies the model class re-ties on load (GPT-2: no lm_head.weight)."""
+    tied copies the model class re-ties on load (GPT-2: no lm_head.weight). Also whether
+    save_pretrained converts weights on the way out (transformers 5 does for fused layouts such
+    as Mixtral's experts), which the export cannot reproduce yet."""
     meta = {
         k: torch.empty(v.shape, device="meta") for k, v in module.state_dict(keep_vars=True).items()
     }
     try:
         from transformers import PreTrainedModel
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+        from transformers.modeling_utils import (
+            remove_tied_weights_from_state_dict,
+            revert_weight_conversion,
+        )
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return list(meta)
-    if isinstance(module, PreTrainedModel):
-        return list(remove_tied_weights_from_state_dict(meta, module))
-    return list(meta)
+        return list(meta), False
+    if not isinstance(module, PreTrainedModel):
+        return list(meta), False
+    kept = remove_tied_weights_from_state_dict(meta, module)
+    converted = revert_weight_conversion(module, dict(kept))
+    return list(kept), set(converted) != set(kept)
 
 
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -193,7 +200,7 @@ def _manifest(engine: ZeroEngine, files: dict[str, dict]) -> dict:
         st = opt.state.get(engine.sharded_optimizer.masters[fu.index], {})
         if st:
             state_keys[_flat_key(fu.index)] = sorted(st)
-    keys = export_keys(engine.module)
+    keys, converts = export_keys(engine.module)
     return {
         "format_version": FORMAT_VERSION,
         "stage": engine.stage,
@@ -210,7 +217,11 @@ def _manifest(engine: ZeroEngine, files: dict[str, dict]) -> dict:
             "state_keys": state_keys,
         },
         "loss_scaler": engine.scaler.state_dict(),
-        "hf_export": {"keys": keys, "dtypes": {k: engine.export_dtype(k) for k in keys}},
+        "hf_export": {
+            "keys": keys,
+            "dtypes": {k: engine.export_dtype(k) for k in keys},
+            "weight_conversion": converts,
+        },
         "files": files,
     }
 
