@@ -38,7 +38,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .format import ZERO_DIR, CheckpointError, read_manifest, shard_file, verify_file
+from .format import (
+    ZERO_DIR,
+    CheckpointError,
+    read_manifest,
+    shard_file,
+    swap_into_place,
+    verify_file,
+)
 
 __all__ = ["consolidate", "parse_size", "plan_shards", "COPIED_FILES"]
 
@@ -410,13 +417,7 @@ def consolidate(
                     _write_config(ckpt / fname, tmp / fname, want)
                 else:
                     shutil.copyfile(ckpt / fname, tmp / fname)
-        old = None
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, out, uuid.uuid4().hex[:12])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

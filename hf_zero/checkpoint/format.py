@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "verify_file",
     "ZERO_DIR",
     "MANIFEST",
+    "swap_into_place",
 ]
 
 FORMAT_VERSION = 1
@@ -230,3 +232,15 @@ def verify_file(ckpt_dir: str | os.PathLike, manifest: dict, name: str) -> Path:
             f"{entry['sha256'][:12]}... (corrupted)"
         )
     return path
+
+
+def swap_into_place(tmp: Path, dest: Path, token: str) -> None:
+    """Move the finished directory `tmp` to `dest`, replacing what was there: the old one is
+    renamed aside first and deleted only once the new one is in place."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f"{dest.name}.old-{token}"
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

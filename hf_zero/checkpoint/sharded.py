@@ -41,6 +41,7 @@ from .format import (
     read_manifest,
     sha256_file,
     shard_file,
+    swap_into_place,
     verify_file,
 )
 
@@ -262,13 +263,7 @@ def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=No
             part = tmp / ZERO_DIR / (MANIFEST + ".part")
             part.write_text(manifest)
             os.replace(part, tmp / ZERO_DIR / MANIFEST)
-            old = None
-            if path.exists():
-                old = path.parent / f"{path.name}.old-{token}"
-                os.rename(path, old)
-            os.rename(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            swap_into_place(tmp, path, token)
         except Exception as e:
             failed.append((0, f"{type(e).__name__}: {e}"))
     failed = comm.all_gather_object(failed, group=engine.group)[0]
