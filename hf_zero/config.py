@@ -56,6 +56,11 @@ class ZeroConfig:
     the bound is soft (finished buckets are freed as soon as they are seen complete, but backward
     never blocks on one), because blocking could deadlock against another rank's all-gather."""
 
+    nonfinite_grads: str = "raise"
+    """Without a loss scaler (fp32, bf16), what a NaN/inf gradient norm on any rank does:
+    "raise" (every rank raises FloatingPointError naming the step) or "skip" (every rank skips
+    the step with a warning). fp16 always skips and backs off its loss scale."""
+
     initial_loss_scale: float = 2.0**16
     """fp16: the dynamic loss scaler's starting scale."""
 
@@ -84,6 +89,10 @@ class ZeroConfig:
                 "mixed_precision must be one of "
                 f"{', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
                 f"got {self.mixed_precision!r}{hint}"
+            )
+        if self.nonfinite_grads not in ("raise", "skip"):
+            raise ValueError(
+                f"nonfinite_grads must be 'raise' or 'skip', got {self.nonfinite_grads!r}"
             )
         _require_positive_int("bucket_size", self.bucket_size, "elements per gradient bucket")
         _require_positive_int("max_inflight_reductions", self.max_inflight_reductions, "buckets")

@@ -14,12 +14,13 @@ hosts it (a script, Accelerate, the Trainer).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from . import comm
+from . import comm, fingerprint
 from .config import ZeroConfig
 from .discover import discover_params
 from .grads import BackwardTracker, LocalGrads, ShardedGrads
@@ -108,7 +109,13 @@ class ZeroEngine(nn.Module):
             bucket_size=None if stage == 3 else config.bucket_size,
         )
         rank = self.group.rank
-        # Created after every check above, so a bad input fails before any collective.
+        # The first collectives, after every local check above: all ranks must agree on the
+        # config, the model and the optimizer, or the job would hang or train garbage.
+        description = fingerprint.describe(config, found.entries, model, optimizer)
+        digests = comm.all_gather_object(fingerprint.digest(description), group=self.group)
+        if len(set(digests)) > 1:
+            everyone = comm.all_gather_object(description, group=self.group)
+            raise ValueError(fingerprint.disagreement_message(everyone))
         self.reduce_group = comm.new_group_like(self.group)  # gradient reductions only
 
         def owned(fu: FlatUnit) -> tuple[int, int]:
@@ -249,9 +256,32 @@ class ZeroEngine(nn.Module):
 
     def step(self) -> bool:
         """The optimizer step at the accumulation boundary: unscale, clip (config), update,
-        and share the updated weights. Returns False if an fp16 overflow skipped the step."""
+        and share the updated weights. Returns False if the step was skipped: an fp16 overflow,
+        or a non-finite gradient with `nonfinite_grads="skip"`.
+
+        Raises:
+            FloatingPointError: a NaN/inf gradient norm without a loss scaler and
+                `nonfinite_grads="raise"` (the default), on every rank alike.
+        """
         self._prepare_grads()
-        overflow = self.scaler.dynamic and not bool(torch.isfinite(self.grad_norm))
+        # The norm is the same on every rank (all-reduced, or computed from identical
+        # all-reduced gradients at stage 0), so every rank takes the same branch.
+        overflow = not bool(torch.isfinite(self.grad_norm))
+        if overflow and not self.scaler.dynamic:
+            step = self.global_steps + self.skipped_steps + 1
+            if self.config.nonfinite_grads == "raise":
+                self.zero_grad()
+                raise FloatingPointError(
+                    f"non-finite gradient norm ({self.grad_norm.item()}) at optimizer step {step} "
+                    "(a NaN/inf loss or gradient on some rank); the step was not applied. Set "
+                    "ZeroConfig(nonfinite_grads='skip') to skip such steps with a warning instead"
+                )
+            warnings.warn(
+                f"hf_zero: non-finite gradient norm ({self.grad_norm.item()}) at optimizer step "
+                f"{step}; skipping the step on every rank",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if overflow:
             self.skipped_steps += 1
         else:
