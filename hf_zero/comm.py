@@ -19,6 +19,7 @@ reduce-scatter they implement; `CommStats.paths` records which implementation ra
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ __all__ = [
     "barrier",
     "resolve_group",
     "new_group_like",
+    "CollectiveError",
 ]
 
 
@@ -69,6 +71,12 @@ class ProcessGroupInfo:
     rank: int
     world_size: int
     backend: str
+    timeout_s: float | None = None
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer rank died or stopped calling collectives (timeout). The
+    message says which collective, in which phase of training."""
 
 
 def resolve_group(group: dist.ProcessGroup | None) -> ProcessGroupInfo:
@@ -84,31 +92,56 @@ def resolve_group(group: dist.ProcessGroup | None) -> ProcessGroupInfo:
     )
 
 
-def new_group_like(info: ProcessGroupInfo) -> ProcessGroupInfo:
-    """A second group over the same ranks and backend.
+def new_group_like(info: ProcessGroupInfo, *, timeout_s: float) -> ProcessGroupInfo:
+    """A group of the engine's own over the same ranks and backend, with its collective timeout.
 
-    The engine sends gradient reductions on their own group. Their launch order is fixed, but
-    WHEN they launch depends on which gradients a rank has, and that may differ between ranks
-    (a parameter unused on one rank only). Stage 3's all-gathers run during backward too, in
-    forward/backward order; on one shared group the two sequences could interleave differently
-    on different ranks and pair up mismatched collectives. One sequence per group is the same on
-    every rank.
+    The engine uses two: one for parameters and control, one for gradient reductions only.
+    Reductions launch in a fixed order, but WHEN depends on which gradients a rank has, and that
+    may differ between ranks (a parameter unused on one rank only). Stage 3's all-gathers run
+    during backward too, in forward/backward order; on one shared group the two sequences could
+    interleave differently on different ranks and pair up mismatched collectives. One sequence
+    per group is the same on every rank.
     """
     if info.group is None:
         return info
     ranks = dist.get_process_group_ranks(info.group)
-    group = dist.new_group(ranks=ranks, backend=info.backend, use_local_synchronization=True)
-    return ProcessGroupInfo(group, dist.get_rank(group), dist.get_world_size(group), info.backend)
+    group = dist.new_group(
+        ranks=ranks,
+        backend=info.backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        use_local_synchronization=True,
+    )
+    return ProcessGroupInfo(
+        group, dist.get_rank(group), dist.get_world_size(group), info.backend, timeout_s
+    )
+
+
+def _failed(label: str, group: ProcessGroupInfo, error: Exception) -> CollectiveError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    within = f" within the {group.timeout_s:g} s collective timeout" if group.timeout_s else ""
+    return CollectiveError(
+        f"rank {group.rank}: {label} failed: a peer rank disappeared or stopped calling "
+        f"collectives{within} ({type(error).__name__}: {first})"
+    )
+
+
+def _issue(label: str, group: ProcessGroupInfo, call: Callable[[], object]):
+    try:
+        return call()
+    except RuntimeError as e:
+        raise _failed(label, group, e) from e
 
 
 class Pending:
     """A collective in flight. `wait()` blocks until it is done, then runs its finishing step
-    (for example the local slice of gloo's reduce-scatter) exactly once."""
+    (for example the local slice of gloo's reduce-scatter) exactly once. A failure is raised as
+    a CollectiveError naming the collective."""
 
-    __slots__ = ("_work", "_then", "_done")
+    __slots__ = ("_work", "_then", "_done", "_label", "_group")
 
-    def __init__(self, work=None, then: Callable[[], None] | None = None):
+    def __init__(self, work=None, then: Callable[[], None] | None = None, *, label="", group=None):
         self._work, self._then, self._done = work, then, False
+        self._label, self._group = label, group
 
     def is_completed(self) -> bool:
         """True when `wait()` would not block."""
@@ -118,7 +151,10 @@ class Pending:
         if self._done:
             return
         if self._work is not None:
-            self._work.wait()
+            try:
+                self._work.wait()
+            except RuntimeError as e:
+                raise _failed(self._label, self._group, e) from e
         self._done = True
         if self._then is not None:
             self._then()
@@ -128,15 +164,27 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _finish(work, label, group, async_op, then=None) -> Pending:
+    pending = Pending(work, then, label=label, group=group)
+    if not async_op:
+        pending.wait()
+    return pending
+
+
 def all_reduce(
-    tensor: torch.Tensor, *, group: ProcessGroupInfo, stats: CommStats, async_op: bool = False
+    tensor: torch.Tensor,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool = False,
+    label: str = "all-reduce",
 ) -> Pending:
     """Sum `tensor` in place across the group."""
     stats.add("all_reduce", 2 * _nbytes(tensor))
     if group.group is None:
         return Pending()
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op)
-    return Pending(work if async_op else None)
+    work = _issue(label, group, lambda: dist.all_reduce(tensor, group=group.group, async_op=True))
+    return _finish(work, label, group, async_op)
 
 
 def reduce_scatter(
@@ -146,6 +194,7 @@ def reduce_scatter(
     group: ProcessGroupInfo,
     stats: CommStats,
     async_op: bool = False,
+    label: str = "reduce-scatter",
 ) -> Pending:
     """Sum `input` (1D, world_size * output.numel()) across the group; `output` gets this rank's
     slice. `input` is clobbered (on gloo it holds the full sum afterwards)."""
@@ -166,16 +215,15 @@ def reduce_scatter(
         return Pending()
     if group.backend == "nccl":
         stats.add("reduce_scatter", _nbytes(input), "reduce_scatter_single")
-        work = dist.reduce_scatter_single(
-            output, input, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op
+        work = _issue(
+            label,
+            group,
+            lambda: dist.reduce_scatter_single(output, input, group=group.group, async_op=True),
         )
-        return Pending(work if async_op else None)
+        return _finish(work, label, group, async_op)
     stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
-    work = dist.all_reduce(input, op=dist.ReduceOp.SUM, group=group.group, async_op=async_op)
-    if not async_op:
-        take_slice()
-        return Pending()
-    return Pending(work, take_slice)
+    work = _issue(label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True))
+    return _finish(work, label, group, async_op, take_slice)
 
 
 def all_gather(
@@ -185,6 +233,7 @@ def all_gather(
     group: ProcessGroupInfo,
     stats: CommStats,
     async_op: bool = False,
+    label: str = "all-gather",
 ) -> Pending:
     """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
     `input` must not alias `output`."""
@@ -197,30 +246,44 @@ def all_gather(
     if group.group is None:
         output.copy_(input)
         return Pending()
-    work = dist.all_gather_single(output, input, group=group.group, async_op=async_op)
-    return Pending(work if async_op else None)
+    work = _issue(
+        label,
+        group,
+        lambda: dist.all_gather_single(output, input, group=group.group, async_op=True),
+    )
+    return _finish(work, label, group, async_op)
 
 
 def all_reduce_scalar(
-    value: torch.Tensor, *, group: ProcessGroupInfo, stats: CommStats, op: str = "sum"
+    value: torch.Tensor,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    op: str = "sum",
+    label: str = "all-reduce",
 ) -> torch.Tensor:
-    """Reduce a small tensor (a norm, an overflow flag) across the group; returns it."""
+    """Reduce a small tensor (a norm, flags) across the group; returns it."""
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     stats.add("all_reduce", 2 * _nbytes(value))
     if group.group is not None:
-        dist.all_reduce(value, op=ops[op], group=group.group)
+        work = _issue(
+            label,
+            group,
+            lambda: dist.all_reduce(value, op=ops[op], group=group.group, async_op=True),
+        )
+        _finish(work, label, group, False)
     return value
 
 
-def all_gather_object(obj, *, group: ProcessGroupInfo) -> list:
+def all_gather_object(obj, *, group: ProcessGroupInfo, label: str = "object all-gather") -> list:
     """Every rank's `obj` (small, picklable), in rank order. Not counted: control traffic."""
     if group.group is None:
         return [obj]
     out = [None] * group.world_size
-    dist.all_gather_object(out, obj, group=group.group)
+    _issue(label, group, lambda: dist.all_gather_object(out, obj, group=group.group))
     return out
 
 
-def barrier(*, group: ProcessGroupInfo) -> None:
+def barrier(*, group: ProcessGroupInfo, label: str = "barrier") -> None:
     if group.group is not None:
-        dist.barrier(group=group.group)
+        _issue(label, group, lambda: dist.barrier(group=group.group))

@@ -56,6 +56,11 @@ class ZeroConfig:
     the bound is soft (finished buckets are freed as soon as they are seen complete, but backward
     never blocks on one), because blocking could deadlock against another rank's all-gather."""
 
+    collective_timeout_s: float = 600.0
+    """Seconds any collective of the engine may wait for the other ranks. A rank that died or
+    stopped (hung, stuck in I/O) makes the others fail after this long, with a CollectiveError
+    naming the collective and the phase, instead of hanging for torch's default 30 minutes."""
+
     nonfinite_grads: str = "raise"
     """Without a loss scaler (fp32, bf16), what a NaN/inf gradient norm on any rank does:
     "raise" (every rank raises FloatingPointError naming the step) or "skip" (every rank skips
@@ -89,6 +94,11 @@ class ZeroConfig:
                 "mixed_precision must be one of "
                 f"{', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
                 f"got {self.mixed_precision!r}{hint}"
+            )
+        if not (_is_number(self.collective_timeout_s) and self.collective_timeout_s > 0):
+            raise ValueError(
+                "collective_timeout_s must be a positive number of seconds, "
+                f"got {self.collective_timeout_s!r}"
             )
         if self.nonfinite_grads not in ("raise", "skip"):
             raise ValueError(

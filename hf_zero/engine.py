@@ -112,11 +112,18 @@ class ZeroEngine(nn.Module):
         # The first collectives, after every local check above: all ranks must agree on the
         # config, the model and the optimizer, or the job would hang or train garbage.
         description = fingerprint.describe(config, found.entries, model, optimizer)
-        digests = comm.all_gather_object(fingerprint.digest(description), group=self.group)
+        label = "fingerprint exchange at initialize"
+        digests = comm.all_gather_object(
+            fingerprint.digest(description), group=self.group, label=label
+        )
         if len(set(digests)) > 1:
-            everyone = comm.all_gather_object(description, group=self.group)
+            everyone = comm.all_gather_object(description, group=self.group, label=label)
             raise ValueError(fingerprint.disagreement_message(everyone))
-        self.reduce_group = comm.new_group_like(self.group)  # gradient reductions only
+        # The engine's own groups, with its collective timeout: parameters and control, and
+        # gradient reductions (see comm.new_group_like).
+        timeout = config.collective_timeout_s
+        self.reduce_group = comm.new_group_like(self.group, timeout_s=timeout)
+        self.group = comm.new_group_like(self.group, timeout_s=timeout)
 
         def owned(fu: FlatUnit) -> tuple[int, int]:
             return (0, fu.padded_numel) if stage == 0 else fu.shard_range(rank)
@@ -361,7 +368,13 @@ class ZeroEngine(nn.Module):
                 full = master
             else:
                 full = torch.empty(fu.padded_numel, dtype=master.dtype, device=master.device)
-                comm.all_gather(full, master, group=self.group, stats=self.stats)
+                comm.all_gather(
+                    full,
+                    master,
+                    group=self.group,
+                    stats=self.stats,
+                    label="all-gather for full_state_dict",
+                )
             for spec in fu.params:
                 t = full[spec.offset : spec.offset + spec.numel].view(spec.shape).clone()
                 t = t.to(dtype) if dtype is not None else t

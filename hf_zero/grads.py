@@ -212,7 +212,13 @@ class LocalGrads(_GradStore):
 
     def _launch(self, index: int):
         return (
-            comm.all_reduce(self.flats[index], group=self.group, stats=self.stats, async_op=True),
+            comm.all_reduce(
+                self.flats[index],
+                group=self.group,
+                stats=self.stats,
+                async_op=True,
+                label=f"gradient all-reduce of bucket {index} (backward)",
+            ),
         )
 
     def _finish(self, index: int, launched) -> None:
@@ -244,7 +250,12 @@ class LocalGrads(_GradStore):
                     hi - lo, dtype=self.flats[fu.index].dtype, device=self.flats[fu.index].device
                 )
                 h = comm.reduce_scatter(
-                    out, self.flats[fu.index], group=self.group, stats=self.stats, async_op=True
+                    out,
+                    self.flats[fu.index],
+                    group=self.group,
+                    stats=self.stats,
+                    async_op=True,
+                    label=f"gradient reduce-scatter of bucket {fu.index} (optimizer step)",
                 )
                 pending.append((fu, out, h))
             for fu, out, h in pending:
@@ -333,7 +344,14 @@ class ShardedGrads(_GradStore):
                 packed[spec.offset : spec.offset + spec.numel].copy_(p.grad.reshape(-1))
                 p.grad = None  # the full gradient is freed as soon as it is packed
         out = torch.empty_like(shard)
-        handle = comm.reduce_scatter(out, packed, group=self.group, stats=self.stats, async_op=True)
+        handle = comm.reduce_scatter(
+            out,
+            packed,
+            group=self.group,
+            stats=self.stats,
+            async_op=True,
+            label=f"gradient reduce-scatter of bucket {index} (backward)",
+        )
         return handle, out, packed
 
     def _finish(self, index: int, launched) -> None:

@@ -128,7 +128,13 @@ class ShardedOptimizer:
         packed = torch.cat(
             [(sq if self.sharded else torch.zeros_like(sq)).view(1), got_grad.float().to(device)]
         )
-        comm.all_reduce_scalar(packed, group=self.group, stats=self.stats, op="sum")
+        comm.all_reduce_scalar(
+            packed,
+            group=self.group,
+            stats=self.stats,
+            op="sum",
+            label="grad-norm all-reduce (optimizer step)",
+        )
         total_sq = packed[0] if self.sharded else sq
         return total_sq.sqrt(), packed[1:] > 0
 

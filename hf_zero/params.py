@@ -103,7 +103,12 @@ class ReplicatedParams:
             flat = self.flats[fu.index]
             pending.append(
                 comm.all_gather(
-                    flat, flat[lo:hi].clone(), group=self.group, stats=self.stats, async_op=True
+                    flat,
+                    flat[lo:hi].clone(),
+                    group=self.group,
+                    stats=self.stats,
+                    async_op=True,
+                    label="all-gather of the updated parameters after the optimizer step",
                 )
             )
         for p in pending:
@@ -184,8 +189,9 @@ class ShardedParams:
 
     # ---- gather / release ----------------------------------------------------------------------
 
-    def gather(self, unit: str, *, async_op: bool = False) -> None:
-        """Bring `unit` to GATHERED (or GATHERING, with async_op)."""
+    def gather(self, unit: str, *, async_op: bool = False, phase: str = "forward") -> None:
+        """Bring `unit` to GATHERED (or GATHERING, with async_op). `phase` names the gather in
+        errors: forward, backward, prefetch."""
         state = self.state[unit]
         if state is UnitState.SHARDED:
             pending = []
@@ -194,7 +200,12 @@ class ShardedParams:
                 full.untyped_storage().resize_(full.numel() * full.element_size())
                 pending.append(
                     comm.all_gather(
-                        full, self.shards[i], group=self.group, stats=self.stats, async_op=True
+                        full,
+                        self.shards[i],
+                        group=self.group,
+                        stats=self.stats,
+                        async_op=True,
+                        label=f"all-gather of unit {unit or '<root>'!r} ({phase})",
                     )
                 )
             self._pending[unit] = pending
@@ -245,7 +256,7 @@ class ShardedParams:
                     else (order.index(unit) + 1 if unit in order else len(order))
                 )
                 if nxt < len(order):
-                    self.gather(order[nxt], async_op=True)
+                    self.gather(order[nxt], async_op=True, phase="forward prefetch")
 
         return hook
 
@@ -280,7 +291,7 @@ class ShardedParams:
     def _advance(self) -> str:
         unit = self._bwd_seq[self._bwd_cursor]
         self._bwd_cursor += 1
-        self.gather(unit, async_op=True)
+        self.gather(unit, async_op=True, phase="backward")
         return unit
 
     def _make_pre_backward(self, unit: str):
@@ -295,7 +306,7 @@ class ShardedParams:
                     self._advance()
             elif unit in self._bwd_seq and self.state[unit] is UnitState.SHARDED:
                 return  # walked and already released: its gradients are done this pass
-            self.gather(unit)
+            self.gather(unit, phase="backward")
 
         return hook
 

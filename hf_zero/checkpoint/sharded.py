@@ -238,7 +238,9 @@ def _jsonable(v) -> bool:
 def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write a sharded checkpoint to `path` (collective; atomic). Returns the path."""
     path = Path(path)
-    token = comm.all_gather_object(uuid.uuid4().hex[:12], group=engine.group)[0]
+    token = comm.all_gather_object(
+        uuid.uuid4().hex[:12], group=engine.group, label="save_checkpoint"
+    )[0]
     tmp = path.parent / f"{path.name}.tmp-{token}"
     error, files = None, {}
     try:
@@ -246,7 +248,7 @@ def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=No
         files = _write_rank_files(engine, tmp / ZERO_DIR)
     except Exception as e:  # reported to every rank below, then raised
         error = f"{type(e).__name__}: {e}"
-    reports = comm.all_gather_object((error, files), group=engine.group)
+    reports = comm.all_gather_object((error, files), group=engine.group, label="save_checkpoint")
     failed = [(r, err) for r, (err, _) in enumerate(reports) if err]
     if not failed and engine.rank == 0:
         try:
@@ -266,7 +268,7 @@ def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=No
             swap_into_place(tmp, path, token)
         except Exception as e:
             failed.append((0, f"{type(e).__name__}: {e}"))
-    failed = comm.all_gather_object(failed, group=engine.group)[0]
+    failed = comm.all_gather_object(failed, group=engine.group, label="save_checkpoint")[0]
     if failed:
         if engine.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -397,7 +399,7 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
         rng = shard_file("rng", engine.rank, manifest["world_size"])
         if rng in manifest["files"]:
             _restore_rng(verify_file(ckpt, manifest, rng))
-    comm.barrier(group=engine.group)
+    comm.barrier(group=engine.group, label="load_checkpoint")
     return manifest
 
 

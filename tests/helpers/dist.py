@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -61,6 +61,7 @@ def run_distributed(
     *args: Any,
     timeout: float = 300.0,
     env: Mapping[str, str | None] | None = None,
+    may_die: Collection[int] = (),
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks, each in its own process.
 
@@ -78,6 +79,8 @@ def run_distributed(
             timeout inside the workers.
         env: environment variables for the workers, set before their interpreter starts (so
             also before torch or huggingface_hub is imported). A value of None unsets the name.
+        may_die: ranks the test kills on purpose; their exit without a report is expected, and
+            their result is None.
 
     Returns:
         `fn`'s return value from every rank, in rank order. Each must be picklable; tensors are.
@@ -111,7 +114,7 @@ def run_distributed(
                 )
                 p.start()
                 procs.append(p)
-        reports, failure = _collect(results_q, procs, fn, timeout)
+        reports, failure = _collect(results_q, procs, fn, timeout, set(may_die))
     finally:
         for rank, p in enumerate(procs):
             if p.is_alive():
@@ -125,7 +128,10 @@ def run_distributed(
     # In arrival order: the first error is usually the cause, later ones its echoes in collectives.
     errors = {r: payload for r, (status, payload) in reports.items() if status == "error"}
     if failure is None and not errors:
-        return [pickle.loads(reports[r][1]) for r in range(world_size)]
+        return [
+            None if reports[r][0] == "died" else pickle.loads(reports[r][1])
+            for r in range(world_size)
+        ]
 
     lines = [f"run_distributed({_fn_name(fn)}, world_size={world_size}) failed"]
     if failure is not None:
@@ -147,7 +153,7 @@ def run_distributed(
 
 
 def _collect(
-    results_q, procs: list, fn: Callable, timeout: float
+    results_q, procs: list, fn: Callable, timeout: float, may_die: set[int]
 ) -> tuple[dict[int, tuple[str, Any]], str | None]:
     """Read reports until every rank has reported or something went wrong.
 
@@ -183,6 +189,9 @@ def _collect(
             while time.monotonic() < drain_until and len(reports) < world_size:
                 read(0.05)
             dead = [r for r in dead if r not in reports]
+            for r in [r for r in dead if r in may_die]:
+                reports[r] = ("died", procs[r].exitcode)  # expected: the test kills it
+            dead = [r for r in dead if r not in may_die]
             if dead:
                 codes = ", ".join(f"rank {r} {_describe_exit(procs[r].exitcode)}" for r in dead)
                 return reports, f"{codes} without reporting a result"
