@@ -254,3 +254,56 @@ def test_export_refuses_models_whose_save_converts_weights(tmp_path, saved):
         hf_zero.consolidate(tmp_path / "moe", tmp_path / "out")
     # The sharded checkpoint itself still round-trips.
     engine.load_checkpoint(tmp_path / "moe")
+
+
+# ---- disk errors during a save ---------------------------------------------------------------
+
+
+def _save_with_disk_error(rank, world_size, root, fault):
+    import resource
+
+    engine = _engine(stage=2)
+    _train_one_sharded(engine, rank)
+    engine.save_checkpoint(os.path.join(root, "checkpoint-1"))
+    _train_one_sharded(engine, rank)
+    target = os.path.join(root, "checkpoint-2")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if fault == "file-too-large" and rank == 1:
+        # A real write error in the middle of a file: the kernel refuses to grow it past 16 KiB.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, limits[1]))
+    if fault == "not-a-directory":
+        target = os.path.join(root, "a-file", "checkpoint-2")
+        if rank == 0:
+            open(os.path.join(root, "a-file"), "w").close()
+        torch.distributed.barrier()
+    try:
+        engine.save_checkpoint(target)
+    except CheckpointError as e:
+        message = str(e)
+    else:
+        message = None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    # The job can go on, and a later save works.
+    engine.save_checkpoint(os.path.join(root, "checkpoint-3"))
+    return message
+
+
+@pytest.mark.parametrize("fault", ["file-too-large", "not-a-directory"])
+def test_disk_error_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path, fault):
+    root = str(tmp_path)
+    messages = run_distributed(_save_with_disk_error, 2, root, fault, timeout=120)
+    for m in messages:  # every rank raises, naming the checkpoint and the failing path
+        assert m is not None and "previous checkpoint left as it was" in m, m
+        if fault == "file-too-large":
+            assert re.search(
+                r"rank 1: OSError: writing \S+checkpoint-2\.tmp-\w+/zero/\S+\.safetensors failed", m
+            ), m
+        else:
+            assert "a-file" in m and "NotADirectoryError" in m, m
+    names = sorted(os.listdir(root))
+    assert "checkpoint-2" not in names and not any(".tmp-" in n for n in names), names
+    assert latest_checkpoint(root).name == "checkpoint-3"
+    shutil.rmtree(os.path.join(root, "checkpoint-3"))
+    assert latest_checkpoint(root).name == "checkpoint-1"  # the one before the failed save

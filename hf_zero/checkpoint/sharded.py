@@ -180,7 +180,10 @@ def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
     out = {}
     for name, (tensors, meta) in files.items():
         path = zero_dir / name
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        except Exception as e:  # disk full, file too large, I/O error: name the file
+            raise OSError(f"writing {path} failed: {type(e).__name__}: {e}") from e
         out[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     return out
 
