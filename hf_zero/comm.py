@@ -236,22 +236,54 @@ def all_gather(
     label: str = "all-gather",
 ) -> Pending:
     """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
-    `input` must not alias `output`."""
-    if output.numel() != input.numel() * group.world_size:
+
+    `input` is either a separate tensor or exactly this rank's own slice of `output`
+    (in place: no copy of it is made). On gloo, whose all-gather measured 1.5-2.8x slower than
+    an all-reduce of the same buffer, the other ranks' slices are zeroed and the buffer is
+    summed: every element adds one value to zeros, so the result is exact (the sign of a zero
+    aside). Counted as an all-gather of `output` either way.
+    """
+    n = input.numel()
+    if output.numel() != n * group.world_size:
         raise ValueError(
-            f"all_gather output has {output.numel()} elements, expected "
-            f"{group.world_size} x {input.numel()}"
+            f"all_gather output has {output.numel()} elements, expected {group.world_size} x {n}"
         )
-    stats.add("all_gather", _nbytes(output))
+    lo = group.rank * n
+    own = output[lo : lo + n]
+    in_place = input.data_ptr() == own.data_ptr() and input.numel() == own.numel()
+    if not in_place and _overlaps(input, output):
+        raise ValueError("all_gather input must be separate from output or its own slice")
     if group.group is None:
-        output.copy_(input)
+        stats.add("all_gather", _nbytes(output), "local")
+        if not in_place:
+            own.copy_(input)
         return Pending()
+    if group.backend == "gloo":
+        stats.add("all_gather", _nbytes(output), "all_reduce of the zero-filled buffer")
+        if not in_place:
+            own.copy_(input)
+        output[:lo].zero_()
+        output[lo + n :].zero_()
+        work = _issue(
+            label, group, lambda: dist.all_reduce(output, group=group.group, async_op=True)
+        )
+        return _finish(work, label, group, async_op)
+    stats.add("all_gather", _nbytes(output), "all_gather_single")
     work = _issue(
         label,
         group,
-        lambda: dist.all_gather_single(output, input, group=group.group, async_op=True),
+        lambda: dist.all_gather_single(
+            output, own if in_place else input, group=group.group, async_op=True
+        ),
     )
     return _finish(work, label, group, async_op)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + _nbytes(b) and b0 < a0 + _nbytes(a)
 
 
 def all_reduce_scalar(

@@ -335,14 +335,18 @@ class ShardedGrads(_GradStore):
     def _launch(self, index: int):
         fu = self.layout.flat_units[index]
         shard = self.shards[index]
-        packed = torch.zeros(
-            fu.padded_numel, dtype=self.dtype, device=shard.device
-        )  # 1D, transient
+        # 1D, transient. Only what no gradient fills is zeroed: the padding, and parameters
+        # without a gradient on this rank (a full fill would touch the bucket twice).
+        packed = torch.empty(fu.padded_numel, dtype=self.dtype, device=shard.device)
+        packed[fu.numel :].zero_()
         for spec in fu.params:
             p = self.params[spec.name]
+            dst = packed[spec.offset : spec.offset + spec.numel]
             if p.grad is not None:
-                packed[spec.offset : spec.offset + spec.numel].copy_(p.grad.reshape(-1))
+                dst.copy_(p.grad.reshape(-1))
                 p.grad = None  # the full gradient is freed as soon as it is packed
+            else:
+                dst.zero_()
         out = torch.empty_like(shard)
         handle = comm.reduce_scatter(
             out,

@@ -104,7 +104,7 @@ class ReplicatedParams:
             pending.append(
                 comm.all_gather(
                     flat,
-                    flat[lo:hi].clone(),
+                    flat[lo:hi],
                     group=self.group,
                     stats=self.stats,
                     async_op=True,
