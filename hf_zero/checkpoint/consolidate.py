@@ -5,7 +5,9 @@ read, and of those only the byte ranges each exported tensor needs. Peak memory 
 blocks (BLOCK elements each) above the interpreter's own, whatever the model and shard size.
 
 Phases:
-  1. Read the manifest; check every params-rank file against it (size + sha256).
+  1. Read the manifest; check every params-rank file against it (size + sha256), then its
+     header (by safetensors) and, once the plan is made, its metadata (rank, world size,
+     slice of the layout).
   2. Plan: for each key of `hf_export.keys` (the names save_pretrained writes, tied copies
      already removed), in order, find its source (a parameter of a flat unit, by name or alias,
      or a `buffer:` tensor of rank 0's params file), its shape and its output dtype; split the
@@ -41,6 +43,9 @@ from safetensors import safe_open
 from .format import (
     ZERO_DIR,
     CheckpointError,
+    check_shard_metadata,
+    open_shard,
+    read_json_file,
     read_manifest,
     shard_file,
     swap_into_place,
@@ -86,6 +91,8 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# dtype names hf_export may give ("float32", "int64", ...): those the export can write.
+_EXPORT_DTYPES = {str(v).removeprefix("torch."): v for v in _ST_DTYPES.values()}
 _UNITS = {
     "": 1,
     "B": 1,
@@ -209,10 +216,18 @@ class _Params:
         with ThreadPoolExecutor(min(self.world_size, os.cpu_count() or 1, 8)) as pool:
             self.paths = list(pool.map(verify, range(self.world_size)))
         self.tensors: list[dict[str, tuple[list[int], str]]] = []  # per rank: shape, dtype
+        self.metadata: list[dict | None] = []
         for path in self.paths:
-            with safe_open(str(path), "pt") as f:
+            with open_shard(path) as f:
                 slices = {k: f.get_slice(k) for k in f.keys()}
                 self.tensors.append({k: (s.get_shape(), s.get_dtype()) for k, s in slices.items()})
+                self.metadata.append(f.metadata())
+
+    def check_metadata(self, manifest: dict) -> None:
+        """Each file's own metadata must describe the manifest's layout (see
+        `format.check_shard_metadata`)."""
+        for rank, path in enumerate(self.paths):
+            check_shard_metadata(path, self.metadata[rank], manifest["_layout"], rank)
 
     def info(self, rank: int, key: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype name) of tensor `key` in rank `rank`'s file."""
@@ -264,13 +279,18 @@ def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
     for key in export["keys"]:
         if dtype == "auto":
             name = saved_dtypes.get(key)
-            want = getattr(torch, name, None) if isinstance(name, str) else None
-            if not isinstance(want, torch.dtype):
+            want = _EXPORT_DTYPES.get(name)
+            if want is None:
                 raise CheckpointError(f"{where}: hf_export gives no dtype for {key!r}: {name!r}")
         else:
             want = dtype
         if key in by_name:
             fu, p = by_name[key]
+            if want is not None and not want.is_floating_point:
+                raise CheckpointError(
+                    f"{where}: hf_export gives parameter {key!r} dtype {want}; parameters export "
+                    "as floating point"
+                )
             if fu.index not in checked:
                 params.check_flat(fu.index, fu.shard_numel)
                 checked.add(fu.index)
@@ -334,10 +354,27 @@ def _prepare_output(out: Path, ckpt: Path, overwrite: bool) -> None:
         )
 
 
+def _copied_source(ckpt: Path, fname: str) -> Path | None:
+    """The checkpoint's file `fname` to copy into the export, or None when there is no such
+    regular file. A symlink is followed only within the checkpoint: the export must not carry
+    a file from elsewhere on this machine."""
+    src = ckpt / fname
+    if not src.is_file():
+        return None
+    if src.is_symlink() and not src.resolve().is_relative_to(ckpt.resolve()):
+        raise CheckpointError(
+            f"{src} is a symlink to {src.resolve()}, outside the checkpoint; copy the file in "
+            "or remove the link"
+        )
+    return src
+
+
 def _write_config(src: Path, dst: Path, dtype) -> None:
     """config.json as save_pretrained writes it for a model cast to one dtype: its "dtype" field
     names that dtype (from_pretrained's default dtype="auto" follows it)."""
-    config = json.loads(src.read_text())
+    config = read_json_file(src, what="model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{src}: a model config must be a JSON object")
     name = str(dtype).removeprefix("torch.")
     if not isinstance(dtype, torch.dtype) or config.get("dtype") == name:
         shutil.copyfile(src, dst)
@@ -376,7 +413,8 @@ def consolidate(
 
     Raises:
         CheckpointError: no manifest, a params file missing, truncated, corrupted or not matching
-            the layout (the message names the file).
+            the layout, a config.json that is not a JSON object, a copied file that is a symlink
+            to outside the checkpoint (the message names the file).
         FileExistsError: `output_dir` is not empty and `overwrite` is False.
         ValueError: bad `dtype` or `max_shard_size`, or `output_dir` would replace the checkpoint.
     """
@@ -390,6 +428,8 @@ def consolidate(
     where = str(ckpt / ZERO_DIR / "manifest.json")
     params = _Params(ckpt, manifest)
     plan = _plan(manifest, params, want, where)
+    params.check_metadata(manifest)
+    copied = {f: src for f in COPIED_FILES if (src := _copied_source(ckpt, f)) is not None}
     by_key = {e.key: e for e in plan}
     shards = plan_shards([(e.key, e.nbytes) for e in plan], max_bytes)
     names = shard_names(len(shards))
@@ -411,12 +451,11 @@ def consolidate(
                 "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for fname in COPIED_FILES:
-            if (ckpt / fname).is_file():
-                if fname == "config.json":
-                    _write_config(ckpt / fname, tmp / fname, want)
-                else:
-                    shutil.copyfile(ckpt / fname, tmp / fname)
+        for fname, src in copied.items():
+            if fname == "config.json":
+                _write_config(src, tmp / fname, want)
+            else:
+                shutil.copyfile(src, tmp / fname)
         swap_into_place(tmp, out, uuid.uuid4().hex[:12])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,11 +45,16 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike, *, verify: bool = True
                 entry["ok"] = True
             except CheckpointError as e:
                 entry["ok"], entry["error"] = False, str(e)
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             entry["size"] = path.stat().st_size
         files.append(entry)
     listed = set(m["files"]) | {"manifest.json"}
-    extra = sorted(p.name for p in (ckpt / ZERO_DIR).iterdir() if p.name not in listed)
+    # A name that is not UTF-8 comes back from the OS with surrogates, which cannot be printed.
+    extra = sorted(
+        os.fsencode(p.name).decode("utf-8", "backslashreplace")
+        for p in (ckpt / ZERO_DIR).iterdir()
+        if p.name not in listed
+    )
     optimizer = m.get("optimizer", {})
     return {
         "path": str(ckpt),
@@ -67,7 +72,7 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike, *, verify: bool = True
         "num_parameters": layout.numel,
         "trainable_parameters": layout.trainable_numel(),
         "flat_units": len(layout.flat_units),
-        "export_keys": len(m.get("hf_export", {}).get("keys", [])),
+        "export_keys": len((m.get("hf_export") or {}).get("keys", [])),
         "files": files,
         "extra_files": extra,
         "ok": all(f["ok"] is not False for f in files),

@@ -12,22 +12,23 @@ manifest is never taken for a checkpoint.
 
 Load, on any world size and stage: every rank reads the manifest, checks that it describes this
 model, and for each of its flat units reads exactly the element ranges it owns from the source
-ranks' files (`partition.plan_reads`, safetensors `get_slice`), after checking each file it opens
-against the manifest's size and sha256.
+ranks' files (`partition.plan_reads`, safetensors `get_slice`). Every file it opens is checked
+first against the manifest's size and sha256, then its header and its own metadata against the
+manifest's layout, and every tensor's dtype and shape against what the layout says, all before
+the engine changes: a checkpoint that fails any check leaves the engine as it was.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import comm
@@ -37,13 +38,18 @@ from .format import (
     MANIFEST,
     ZERO_DIR,
     CheckpointError,
+    _show,
+    check_shard_metadata,
+    layout_slice,
     layout_to_json,
+    open_shard,
     read_manifest,
     sha256_file,
     shard_file,
     swap_into_place,
     verify_file,
 )
+from .rng import read_rng, rng_state
 
 if TYPE_CHECKING:
     from ..engine import ZeroEngine
@@ -86,60 +92,8 @@ def export_keys(module: torch.nn.Module) -> tuple[list[str], bool]:
     return list(kept), set(converted) != set(kept)
 
 
-def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    meta = {}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda{i}"] = s
-    version, state, gauss = random.getstate()
-    tensors["python"] = torch.tensor(state, dtype=torch.int64)
-    meta["python"] = json.dumps([version, gauss])
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        tensors["numpy"] = torch.from_numpy(keys.astype("int64"))
-        meta["numpy"] = json.dumps([kind, int(pos), int(has_gauss), float(cached)])
-    except ImportError:  # pragma: no cover
-        pass
-    return tensors, meta
-
-
-def _restore_rng(path: Path) -> None:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        keys = set(f.keys())
-        torch.set_rng_state(f.get_tensor("torch_cpu"))
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                if f"torch_cuda{i}" in keys:
-                    torch.cuda.set_rng_state(f.get_tensor(f"torch_cuda{i}"), i)
-        version, gauss = json.loads(meta["python"])
-        random.setstate((version, tuple(f.get_tensor("python").tolist()), gauss))
-        if "numpy" in keys:
-            import numpy as np
-
-            kind, pos, has_gauss, cached = json.loads(meta["numpy"])
-            np.random.set_state(
-                (kind, f.get_tensor("numpy").numpy().astype("uint32"), pos, has_gauss, cached)
-            )
-
-
 def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
     rank, ws = engine.rank, engine.world_size
-    # Each file carries its own slice of the layout: which parameter elements it holds, where.
-    layout_slice = [
-        {
-            "flat": fu.index,
-            "range": list(fu.shard_range(rank)),
-            "pieces": [
-                [p.param.name, p.param_start, p.shard_start, p.length]
-                for p in fu.shard_pieces(rank)
-            ],
-        }
-        for fu in engine.layout.flat_units
-    ]
     header = {
         "format": "pt",
         "hf_zero": json.dumps(
@@ -147,7 +101,7 @@ def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
                 "format_version": FORMAT_VERSION,
                 "rank": rank,
                 "world_size": ws,
-                "layout_slice": layout_slice,
+                "layout_slice": layout_slice(engine.layout, rank),
             }
         ),
     }
@@ -171,7 +125,7 @@ def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
         for name, buf in engine.module.state_dict().items():
             if name not in param_names:
                 params[f"buffer:{name}"] = buf.detach().cpu().contiguous()
-    rng, rng_meta = _rng_tensors()
+    rng, rng_meta = rng_state()
     files = {
         shard_file("params", rank, ws): (params, header),
         shard_file("optim", rank, ws): (optim, {**header, "state": json.dumps(state_meta)}),
@@ -305,43 +259,131 @@ def _check_same_model(engine: ZeroEngine, manifest: dict, where: str) -> None:
             f"{where} was saved with optimizer {manifest['optimizer'].get('class')}, "
             f"this engine uses {want_cls}"
         )
-    if len(manifest["optimizer"].get("param_groups", [])) != len(engine.optimizer.param_groups):
+    saved_groups = manifest["optimizer"].get("param_groups", [])
+    if len(saved_groups) != len(engine.optimizer.param_groups):
         raise CheckpointError(
-            f"{where} has {len(manifest['optimizer']['param_groups'])} optimizer param groups, "
+            f"{where} has {len(saved_groups)} optimizer param groups, "
             f"this optimizer has {len(engine.optimizer.param_groups)}"
         )
 
 
 class _Files:
-    """Source files opened on demand, each checked against the manifest first."""
+    """Source files opened on demand. Each is checked against the manifest before its first use:
+    size and sha256, then its safetensors header (by safetensors), then its own metadata (rank,
+    world size, slice of the layout)."""
 
     def __init__(self, ckpt: Path, manifest: dict):
-        self.ckpt, self.manifest, self._open = ckpt, manifest, {}
+        self.ckpt, self.manifest, self._open, self._keys = ckpt, manifest, {}, {}
+
+    def path(self, kind: str, rank: int) -> Path:
+        return self.ckpt / ZERO_DIR / shard_file(kind, rank, self.manifest["world_size"])
 
     def get(self, kind: str, rank: int):
         name = shard_file(kind, rank, self.manifest["world_size"])
         if name not in self._open:
             path = verify_file(self.ckpt, self.manifest, name)
-            self._open[name] = safe_open(str(path), "pt")
+            f = open_shard(path)
+            check_shard_metadata(path, f.metadata(), self.manifest["_layout"], rank)
+            self._open[name], self._keys[name] = f, set(f.keys())
         return self._open[name]
 
-    def read(self, kind: str, rank: int, key: str, start: int, length: int) -> torch.Tensor:
+    def keys(self, kind: str, rank: int) -> set[str]:
+        self.get(kind, rank)
+        return self._keys[shard_file(kind, rank, self.manifest["world_size"])]
+
+    def flat(self, kind: str, rank: int, key: str, numel: int):
+        """The slice handle of tensor `key`, checked to be F32 [numel]: one rank's slice of a
+        flat unit (or of optimizer state shaped like it)."""
         f = self.get(kind, rank)
-        name = shard_file(kind, rank, self.manifest["world_size"])
-        if key not in f.keys():
-            raise CheckpointError(f"{self.ckpt / ZERO_DIR / name}: tensor {key!r} is missing")
+        if key not in self.keys(kind, rank):
+            raise CheckpointError(f"{self.path(kind, rank)}: tensor {key!r} is missing")
         sl = f.get_slice(key)
-        if start + length > sl.get_shape()[0]:
+        if sl.get_dtype() != "F32" or sl.get_shape() != [numel]:
             raise CheckpointError(
-                f"{self.ckpt / ZERO_DIR / name}: tensor {key!r} is shorter than its layout"
+                f"{self.path(kind, rank)}: tensor {key!r} is {sl.get_dtype()} {sl.get_shape()}, "
+                f"the layout says F32 [{numel}]"
             )
-        return sl[start : start + length]
+        return sl
+
+    def check_state_keys(self, rank: int, state_keys: dict[str, list[str]]) -> None:
+        """Every tensor of an optim file must be state the manifest lists: a manifest that
+        leaves some out would otherwise load without it."""
+        for key in sorted(self.keys("optim", rank)):
+            flat, _, name = key.partition(".")
+            if name not in state_keys.get(flat, []):
+                raise CheckpointError(
+                    f"{self.path('optim', rank)}: holds optimizer state {key!r} that the "
+                    "manifest's state_keys do not list"
+                )
+
+
+# dtypes a 0-dim optimizer state tensor (AdamW's step, ...) may have.
+_SCALAR_STATE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+
+
+def _fits(current: Any, saved: Any) -> bool:
+    """Whether a hyperparameter saved in the manifest can replace this optimizer's value."""
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if isinstance(current, int | float | torch.Tensor):
+        return isinstance(saved, int | float) and not isinstance(saved, bool)
+    if isinstance(current, tuple | list):
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(current)
+            and all(_fits(c, s) for c, s in zip(current, saved))
+        )
+    if isinstance(current, str):
+        return isinstance(saved, str)
+    if isinstance(current, dict):
+        return isinstance(saved, dict)
+    return current is None and not isinstance(saved, list | dict)  # foreach, fused: None or a flag
+
+
+def _check_param_groups(opt: torch.optim.Optimizer, saved_groups: list, where: str) -> None:
+    for i, (g, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+        for k, v in saved.items():
+            if k in g and k != "params" and not _fits(g[k], v):
+                raise CheckpointError(
+                    f"{where}: optimizer param group {i} has {k}={_show(v)}, which cannot "
+                    f"replace this optimizer's {k}={_show(g[k])}"
+                )
+
+
+def _check_loss_scaler(engine: ZeroEngine, manifest: dict, where: str) -> dict:
+    """The manifest as the engine should see it: a dynamic loss scaler's saved state checked,
+    or, when the checkpoint was saved without one, the engine's own state kept."""
+    if not engine.scaler.dynamic:
+        return manifest
+    state = manifest.get("loss_scaler") or {}
+    if not state:
+        return {**manifest, "loss_scaler": engine.scaler.state_dict()}
+    scale, good = state.get("scale"), state.get("good_steps")
+    if not (
+        isinstance(scale, int | float)
+        and not isinstance(scale, bool)
+        and math.isfinite(scale)
+        and scale > 0
+        and type(good) is int
+        and good >= 0
+    ):
+        raise CheckpointError(f"{where}: bad loss_scaler state {_show(state)}")
+    return manifest
 
 
 @torch.no_grad()
 def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
     """Load `path` into `engine` (collective), resharding when world size or stage differ.
-    Returns the manifest."""
+    Returns the manifest.
+
+    Phases:
+      1. Read and check: the manifest, every file this rank will read (size, sha256, header,
+         metadata), every tensor's dtype and shape, the optimizer state it lists, buffers,
+         hyperparameters, loss scaler and RNG states. A bad checkpoint raises here and leaves
+         the engine exactly as it was.
+      2. Copy into the engine: masters, optimizer state, hyperparameters, buffers, counters,
+         RNG states.
+    """
     ckpt = Path(path)
     manifest = read_manifest(ckpt)
     where = str(ckpt)
@@ -351,57 +393,95 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
     state_keys = manifest["optimizer"].get("state_keys", {})
     opt = engine.optimizer
     plans = {fu.index: plan_reads(src, fu, *engine.owned(fu)) for fu in engine.layout.flat_units}
-    # Check every file this rank will read before changing anything: a bad file leaves the
-    # engine as it was.
     ranks = sorted({0} | {rd.src_rank for reads in plans.values() for rd in reads})
     for r in ranks:
         files.get("params", r)
-        if state_keys:
-            files.get("optim", r)
+        files.get("optim", r)
+        files.check_state_keys(r, state_keys)
+
+    def flat(kind: str, rd, key: str):
+        return files.flat(kind, rd.src_rank, key, src.flat_units[rd.src_flat].shard_numel)
+
+    # Phase 1: per flat unit, (read, slice handle) pairs for the masters and each state key; a
+    # 0-dim state tensor is read whole.
+    masters_from, states_from = {}, {}
     for fu in engine.layout.flat_units:
-        master = engine.sharded_optimizer.masters[fu.index]
         reads = plans[fu.index]
-        master.zero_()
-        for rd in reads:
-            chunk = files.read(
-                "params", rd.src_rank, _flat_key(rd.src_flat), rd.src_start, rd.length
-            )
-            master[rd.dst_start : rd.dst_start + rd.length].copy_(chunk)
+        masters_from[fu.index] = [(rd, flat("params", rd, _flat_key(rd.src_flat))) for rd in reads]
         if not fu.trainable:
             continue
         keys = state_keys.get(_flat_key(reads[0].src_flat), []) if reads else []
         state = {}
         for key in keys:
-            first = files.get("optim", reads[0].src_rank)
-            probe = f"{_flat_key(reads[0].src_flat)}.{key}"
-            if probe in first.keys() and first.get_slice(probe).get_shape() == []:
-                state[key] = first.get_tensor(probe).to(master.device)
+            first, probe = reads[0].src_rank, f"{_flat_key(reads[0].src_flat)}.{key}"
+            if probe in files.keys("optim", first):
+                sl = files.get("optim", first).get_slice(probe)
+                if sl.get_shape() == []:
+                    if sl.get_dtype() not in _SCALAR_STATE_DTYPES:
+                        raise CheckpointError(
+                            f"{files.path('optim', first)}: tensor {probe!r} is "
+                            f"{sl.get_dtype()}, not a number"
+                        )
+                    state[key] = files.get("optim", first).get_tensor(probe)
+                    continue
+            state[key] = [
+                (rd, flat("optim", rd, f"{_flat_key(rd.src_flat)}.{key}")) for rd in reads
+            ]
+        states_from[fu.index] = state
+    _check_param_groups(opt, manifest["optimizer"].get("param_groups", []), where)
+    buffers = []  # small and saved once, by rank 0
+    params0 = files.get("params", 0)
+    for name, buf in engine.module.named_buffers():
+        key = f"buffer:{name}"
+        if key in files.keys("params", 0):
+            value = params0.get_tensor(key)
+            if value.dtype != buf.dtype or value.shape != buf.shape:
+                raise CheckpointError(
+                    f"{files.path('params', 0)}: buffer {name!r} is {value.dtype} "
+                    f"{list(value.shape)}, the model's is {buf.dtype} {list(buf.shape)}"
+                )
+            buffers.append((buf, value))
+    seen_by_engine = _check_loss_scaler(engine, manifest, where)
+    restore_rng = None
+    if manifest["world_size"] == engine.world_size:  # per-rank streams only mean the same then
+        if shard_file("rng", engine.rank, manifest["world_size"]) in manifest["files"]:
+            rng = files.get("rng", engine.rank)
+            restore_rng = read_rng(rng, files.path("rng", engine.rank))
+
+    # Phase 2: nothing below can fail on the checkpoint's account.
+    for fu in engine.layout.flat_units:
+        master = engine.sharded_optimizer.masters[fu.index]
+        master.zero_()
+        for rd, sl in masters_from[fu.index]:
+            master[rd.dst_start : rd.dst_start + rd.length].copy_(
+                sl[rd.src_start : rd.src_start + rd.length]
+            )
+        if not fu.trainable:
+            continue
+        state = {}
+        for key, source in states_from[fu.index].items():
+            if isinstance(source, torch.Tensor):
+                state[key] = source.to(master.device)
                 continue
             value = torch.zeros_like(master)
-            for rd in reads:
-                chunk = files.read(
-                    "optim", rd.src_rank, f"{_flat_key(rd.src_flat)}.{key}", rd.src_start, rd.length
+            for rd, sl in source:
+                value[rd.dst_start : rd.dst_start + rd.length].copy_(
+                    sl[rd.src_start : rd.src_start + rd.length]
                 )
-                value[rd.dst_start : rd.dst_start + rd.length].copy_(chunk)
             state[key] = value
         if state:
             opt.state[master] = state
         else:
             opt.state.pop(master, None)
-    for g, saved in zip(opt.param_groups, manifest["optimizer"]["param_groups"]):
+    for g, saved in zip(opt.param_groups, manifest["optimizer"].get("param_groups", [])):
         for k, v in saved.items():
             if k in g and k != "params":
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
-    params0 = files.get("params", 0)  # buffers are small and saved once, by rank 0
-    for name, buf in engine.module.named_buffers():
-        key = f"buffer:{name}"
-        if key in params0.keys():
-            buf.copy_(params0.get_tensor(key))
-    engine.load_state_after_checkpoint(manifest)
-    if manifest["world_size"] == engine.world_size:  # per-rank streams only mean the same then
-        rng = shard_file("rng", engine.rank, manifest["world_size"])
-        if rng in manifest["files"]:
-            _restore_rng(verify_file(ckpt, manifest, rng))
+    for buf, value in buffers:
+        buf.copy_(value)
+    engine.load_state_after_checkpoint(seen_by_engine)
+    if restore_rng is not None:
+        restore_rng()
     comm.barrier(group=engine.group, label="load_checkpoint")
     return manifest
 
