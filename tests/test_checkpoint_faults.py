@@ -3,8 +3,11 @@
 Corrupted inputs (truncated file, flipped byte, missing rank file, a manifest from another
 model, an unsupported format_version, file names that point outside the directory) each fail
 with a CheckpointError naming the file and what is wrong, before anything is loaded. A rank
-SIGKILLed in the middle of a save leaves the previous checkpoint intact, and
-`latest_checkpoint` picks the newest complete one. Nothing in a checkpoint is a pickle."""
+SIGKILLed in the middle of a save, or a disk error in one, leaves the previous checkpoint intact,
+and `latest_checkpoint` picks the newest complete one. Nothing in a checkpoint is a pickle.
+
+The multi-rank save faults run in tests/helpers/checkpoint_faults.py, shared with
+scripts/reliability_report.py; these tests assert on the records they return."""
 
 from __future__ import annotations
 
@@ -12,14 +15,13 @@ import json
 import os
 import re
 import shutil
-import signal
 
 import pytest
 import torch
 
 import hf_zero
-from hf_zero.checkpoint import CheckpointError, latest_checkpoint
-from tests.helpers.dist import run_distributed
+from hf_zero.checkpoint import CheckpointError
+from tests.helpers.checkpoint_faults import disk_error_during_save, sigkill_during_save
 from tests.parity_cases import make_model, param_groups
 
 IDS = torch.arange(16).reshape(2, 8) % 97
@@ -185,46 +187,19 @@ def test_nothing_is_a_pickle(ckpt):
 # ---- SIGKILL in the middle of a save -----------------------------------------------------------
 
 
-def _save_then_die(rank, world_size, root):
-    import hf_zero.checkpoint.sharded as sharded
-
-    engine = _engine(stage=2)
-    _train_one_sharded(engine, rank)
-    engine.save_checkpoint(os.path.join(root, "checkpoint-1"))
-    _train_one_sharded(engine, rank)
-    if rank == 1:
-        real = sharded._write_rank_files
-
-        def write_then_die(engine, zero_dir):
-            real(engine, zero_dir)
-            os.kill(os.getpid(), signal.SIGKILL)  # files written, manifest not yet
-
-        sharded._write_rank_files = write_then_die
-    engine.save_checkpoint(os.path.join(root, "checkpoint-2"))
-
-
-def _train_one_sharded(engine, rank):
-    ids = IDS + rank
-    engine.backward(engine(input_ids=ids, labels=ids).loss)
-    engine.step()
-    engine.zero_grad()
-
-
-def _resume(rank, world_size, root):
-    path = latest_checkpoint(root)
-    engine = _engine(stage=2)
-    engine.load_checkpoint(path)
-    return os.path.basename(path), engine.global_steps
-
-
-def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-    root = str(tmp_path)
-    with pytest.raises(AssertionError, match="rank 1 was killed by signal SIGKILL"):
-        run_distributed(_save_then_die, 2, root, timeout=120)
-    names = sorted(os.listdir(root))
+def test_sigkill_during_save_keeps_previous_checkpoint():
+    record = sigkill_during_save(stage=2, world_size=2)
+    assert not record.problems, (record.problems, record.run_error)
+    # Rank 1 wrote its files, then the moment, then SIGKILLed itself; it never reported.
+    assert record.ranks[1].status == "died" and record.ranks[1].error_type == "SIGKILL"
+    survivor = record.ranks[0]
+    assert survivor.error_type == "CollectiveError", survivor
+    assert survivor.message.startswith("rank 0: save_checkpoint failed"), survivor.message
+    names = record.extra["names"]
     assert "checkpoint-1" in names and "checkpoint-2" not in names, names
     assert any(n.startswith("checkpoint-2.tmp-") for n in names), names  # the dead save's debris
-    assert run_distributed(_resume, 2, root) == [("checkpoint-1", 1)] * 2
+    assert record.extra["resumed"] == [("checkpoint-1", 1)] * 2
+    assert record.checkpoint_intact is True
 
 
 def test_export_refuses_models_whose_save_converts_weights(tmp_path, saved):
@@ -259,51 +234,22 @@ def test_export_refuses_models_whose_save_converts_weights(tmp_path, saved):
 # ---- disk errors during a save ---------------------------------------------------------------
 
 
-def _save_with_disk_error(rank, world_size, root, fault):
-    import resource
-
-    engine = _engine(stage=2)
-    _train_one_sharded(engine, rank)
-    engine.save_checkpoint(os.path.join(root, "checkpoint-1"))
-    _train_one_sharded(engine, rank)
-    target = os.path.join(root, "checkpoint-2")
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if fault == "file-too-large" and rank == 1:
-        # A real write error in the middle of a file: the kernel refuses to grow it past 16 KiB.
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, limits[1]))
-    if fault == "not-a-directory":
-        target = os.path.join(root, "a-file", "checkpoint-2")
-        if rank == 0:
-            open(os.path.join(root, "a-file"), "w").close()
-        torch.distributed.barrier()
-    try:
-        engine.save_checkpoint(target)
-    except CheckpointError as e:
-        message = str(e)
-    else:
-        message = None
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-    # The job can go on, and a later save works.
-    engine.save_checkpoint(os.path.join(root, "checkpoint-3"))
-    return message
-
-
 @pytest.mark.parametrize("fault", ["file-too-large", "not-a-directory"])
-def test_disk_error_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(tmp_path, fault):
-    root = str(tmp_path)
-    messages = run_distributed(_save_with_disk_error, 2, root, fault, timeout=120)
-    for m in messages:  # every rank raises, naming the checkpoint and the failing path
-        assert m is not None and "previous checkpoint left as it was" in m, m
+def test_disk_error_during_save_fails_every_rank_and_keeps_the_previous_checkpoint(fault):
+    record = disk_error_during_save(fault, stage=2, world_size=2)
+    assert not record.problems, (record.problems, record.run_error)
+    for o in record.ranks:  # every rank raises, naming the checkpoint and the failing path
+        assert o.status == "raised" and o.error_type == "CheckpointError", o
+        m = o.message
+        assert "previous checkpoint left as it was" in m, m
         if fault == "file-too-large":
             assert re.search(
                 r"rank 1: OSError: writing \S+checkpoint-2\.tmp-\w+/zero/\S+\.safetensors failed", m
             ), m
         else:
             assert "a-file" in m and "NotADirectoryError" in m, m
-    names = sorted(os.listdir(root))
+    names = record.extra["names"]
     assert "checkpoint-2" not in names and not any(".tmp-" in n for n in names), names
-    assert latest_checkpoint(root).name == "checkpoint-3"
-    shutil.rmtree(os.path.join(root, "checkpoint-3"))
-    assert latest_checkpoint(root).name == "checkpoint-1"  # the one before the failed save
+    # The save after the failure is the latest; without it, the one before the failed save.
+    assert record.extra["latest"] == ["checkpoint-3", "checkpoint-1"]
+    assert record.checkpoint_intact is True

@@ -1,10 +1,12 @@
-"""Tier 2: ranks that disagree are stopped at initialize, by name (issue #5 part 3), and a
-non-finite gradient without a loss scaler is caught on every rank alike (part 4)."""
+"""Tier 2: ranks that disagree are stopped at initialize, by name, and a non-finite gradient
+without a loss scaler is caught on every rank alike.
+
+The multi-rank scenarios run in tests/helpers/faults.py, shared with
+scripts/reliability_report.py; these tests assert on the records they return."""
 
 from __future__ import annotations
 
 import re
-import warnings
 
 import pytest
 import torch
@@ -12,31 +14,8 @@ import torch
 import hf_zero
 from hf_zero.fingerprint import describe, disagreement_message, first_difference, format_path
 from hf_zero.partition import ParamEntry
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups, rank_slice
-
-
-def _initialize_worker(rank, world_size, case):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    n_embd = 48 if (case == "model" and rank == 2) else 32
-    model = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=97, n_positions=8)
-    )
-    stage = 3 if (case == "config" and rank == 1) else 2
-    if case == "optimizer" and rank == 1:
-        opt = torch.optim.SGD(param_groups(model), lr=1e-3, momentum=0.9)
-    elif case == "groups" and rank == 0:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    else:
-        opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
-    try:
-        hf_zero.initialize(model, opt, config=hf_zero.ZeroConfig(stage=stage))
-    except ValueError as e:
-        return str(e)
-    return None
-
+from tests.helpers.faults import disagreement, nonfinite_grads
+from tests.parity_cases import make_model
 
 WTE = r"model\.parameters\['transformer\.wte\.weight'\]"
 LN = r"model\.parameters\['transformer\.h\.0\.ln_1\.weight'\]"
@@ -55,9 +34,12 @@ CASES = [
 
 @pytest.mark.parametrize("case,pattern", CASES)
 def test_ranks_that_disagree_fail_at_initialize(case, pattern):
-    messages = run_distributed(_initialize_worker, 3, case, timeout=120)
-    for m in messages:  # every rank gets the same clear error, nobody hangs
-        assert m is not None and re.search(pattern, m), m
+    record = disagreement(case, world_size=3)
+    assert not record.problems, (record.problems, record.run_error)
+    for o in record.ranks:  # every rank gets the same clear error, nobody hangs
+        assert o.status == "raised" and o.error_type == "ValueError", o
+        m = o.message
+        assert re.search(pattern, m), m
         assert m.startswith("ranks disagree at initialize:")
 
 
@@ -82,56 +64,34 @@ def test_first_difference_is_pure_and_ordered():
 # ---- non-finite gradients without a loss scaler ------------------------------------------------
 
 
-def _nonfinite_worker(rank, world_size, mixed, policy):
-    rows = []
-    for stage in range(4):
-        model = make_model("gpt2")
-        cfg = hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed, nonfinite_grads=policy)
-        engine = hf_zero.initialize(
-            model, torch.optim.AdamW(param_groups(model), lr=1e-3), config=cfg
-        )
-        outcome = []
-        for step in range(3):
-            loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
-            if step == 1 and rank == 1:
-                loss = loss * float("nan")  # one rank, one step
-            engine.backward(loss)
-            before = engine.full_state_dict(all_ranks=True)
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    applied = engine.step()
-                outcome.append(
-                    ("applied" if applied else "skipped", [str(w.message) for w in caught])
-                )
-            except FloatingPointError as e:
-                outcome.append(("raised", str(e)))
-                break
-            finally:
-                engine.zero_grad()
-            after = engine.full_state_dict(all_ranks=True)
-            if not applied:
-                assert all(torch.equal(before[k], after[k]) for k in before)
-        rows.append(outcome)
-    return rows
-
-
 @pytest.mark.parametrize("mixed", ["no", "bf16"])
 def test_nonfinite_gradient_raises_on_every_rank(mixed):
-    for rank_rows in run_distributed(_nonfinite_worker, 2, mixed, "raise", timeout=300):
-        for outcome in rank_rows:
-            assert [o[0] for o in outcome] == ["applied", "raised"], outcome
-            assert "non-finite gradient norm (nan) at optimizer step 2" in outcome[1][1]
-            assert "nonfinite_grads='skip'" in outcome[1][1]
+    # Rank 1's loss is NaN in the second optimizer step, at every stage in turn.
+    records = nonfinite_grads(mixed, "raise", range(4), world_size=2)
+    assert [r.stage for r in records] == [0, 1, 2, 3]
+    for record in records:
+        assert not record.problems, (record.stage, record.problems, record.run_error)
+        for o in record.ranks:
+            steps = o.detail  # per step: (applied / skipped / raised, warnings or error, unchanged)
+            assert [s[0] for s in steps] == ["applied", "raised"], steps
+            assert "non-finite gradient norm (nan) at optimizer step 2" in steps[1][1]
+            assert "nonfinite_grads='skip'" in steps[1][1]
+            assert o.error_type == "FloatingPointError" and o.message == steps[1][1]
 
 
 def test_nonfinite_gradient_skip_policy_skips_on_every_rank():
-    for rank_rows in run_distributed(_nonfinite_worker, 2, "no", "skip", timeout=300):
-        for outcome in rank_rows:
-            assert [o[0] for o in outcome] == ["applied", "skipped", "applied"], outcome
+    records = nonfinite_grads("no", "skip", range(4), world_size=2)
+    assert [r.stage for r in records] == [0, 1, 2, 3]
+    for record in records:
+        assert not record.problems, (record.stage, record.problems, record.run_error)
+        for o in record.ranks:
+            steps = o.detail
+            assert [s[0] for s in steps] == ["applied", "skipped", "applied"], steps
             assert any(
-                "at optimizer step 2; skipping the step on every rank" in w for w in outcome[1][1]
+                "at optimizer step 2; skipping the step on every rank" in w for w in steps[1][1]
             )
+            # The skipped step left the weights exactly as they were.
+            assert all(unchanged for kind, _, unchanged in steps if kind == "skipped"), steps
 
 
 def test_nonfinite_policy_is_validated():
