@@ -1,0 +1,764 @@
+"""Benchmark hf_zero against DDP, ZeroRedundancyOptimizer, FSDP2 and DeepSpeed ZeRO, in one run.
+
+    python scripts/bench.py                      # GPT-2 small (124M), 2 ranks, every engine
+    python scripts/bench.py --quick              # a tiny GPT-2, a few minutes on 2 cores
+    python scripts/bench.py --model gpt2-4x256 --world-size 2 --steps 5 --out-dir bench_results
+
+Every engine trains the same GPT-2 (same weights, batches and AdamW) for `--warmup` + `--steps`
+steps in fresh processes, one per rank (gloo on CPU, NCCL with one GPU per rank on a GPU
+machine), all started with GLIBC_TUNABLES=glibc.malloc.mmap_threshold=65536 so that peak RSS
+follows freed memory the same way for every engine. The engines, run one after another:
+
+    single            one process, the whole global batch, N threads: the compute limit
+    ddp               DistributedDataParallel (gradient_as_bucket_view=True)
+    zero_redundancy   DDP + torch's ZeroRedundancyOptimizer
+    fsdp2             fully_shard per GPT2Block and the root, reshard_after_forward=True
+    fsdp2_no_reshard  the same with reshard_after_forward=False
+    hf_zero0..3       hf_zero.initialize(..., ZeroConfig(stage=k))
+    deepspeed2, 3     DeepSpeed ZeRO-2 / ZeRO-3 with the same torch AdamW (if installed)
+
+Per engine: the median step time (max over ranks per step), its ratio to DDP and to the peer
+stage, model-state bytes per rank next to the ZeRO formula, peak RSS per rank, bytes each rank
+sent per step (gloo: counted by the kernel) next to the 2Ψ/3Ψ volume, and the loss of the last
+step, which must agree across engines (a benchmark of wrong training is worthless). Then two
+sweeps: step time and memory against model size at fixed N, and memory against N at a fixed
+model. Then consolidation: `hf_zero.consolidate` against DeepSpeed's `zero_to_fp32` on the
+ZeRO-3 checkpoints both engines saved after their runs, each in a fresh process.
+
+Writes `results.json`, `results.md` and PNG plots (with matplotlib) to `--out-dir`, prints the
+markdown, and exits 1 if an engine failed or a correctness check (equal losses, hf_zero's
+model-state bytes equal to the formula) did not hold. Timings are never checked: they are
+reported, with which targets they meet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "scripts" / "bench_worker.py"
+MMAP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+
+MODELS = {
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 2048},
+    "tiny-wide": {"n_layer": 2, "n_embd": 128, "n_head": 2, "vocab_size": 2048},
+    "gpt2-4x256": {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 50257},
+    "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8, "vocab_size": 50257},
+    "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
+}
+ENGINES = [
+    "single",
+    "ddp",
+    "zero_redundancy",
+    "fsdp2",
+    "fsdp2_no_reshard",
+    "hf_zero0",
+    "hf_zero1",
+    "hf_zero2",
+    "hf_zero3",
+    "deepspeed2",
+    "deepspeed3",
+]
+# Which ZeRO stage an engine's memory matches, and its communication volume in elements per
+# rank per step (the ZeRO paper's convention: an all-reduce is 2Ψ, a reduce-scatter or an
+# all-gather Ψ).
+STAGE = {
+    "single": 0,
+    "ddp": 0,
+    "hf_zero0": 0,
+    "zero_redundancy": 1,
+    "hf_zero1": 1,
+    "hf_zero2": 2,
+    "deepspeed2": 2,
+    "hf_zero3": 3,
+    "fsdp2": 3,
+    "fsdp2_no_reshard": 3,
+    "deepspeed3": 3,
+}
+VOLUME = {e: (3 if STAGE[e] == 3 and e != "fsdp2_no_reshard" else 2) for e in STAGE}
+VOLUME["single"] = 0
+PEERS = {
+    "hf_zero0": ["ddp"],
+    "hf_zero1": ["zero_redundancy"],
+    "hf_zero2": ["deepspeed2"],
+    "hf_zero3": ["deepspeed3", "fsdp2"],
+}
+LOSS_RTOL = 1e-4  # fp32, a few steps: reduction order moves the loss by ~1e-6 relative
+FORMULA_RTOL = 0.005  # hf_zero pads each flat buffer to a multiple of N: far below 0.5%
+
+
+def formula_bytes(stage: int, numel: int, world_size: int) -> float:
+    """Model-state bytes per rank for fp32 AdamW (params 4Ψ, grads 4Ψ, moments 8Ψ)."""
+    p, n = numel, world_size
+    return {0: 16 * p, 1: 8 * p + 8 * p / n, 2: 4 * p + 12 * p / n, 3: 16 * p / n}[stage]
+
+
+def count_params(model: dict, seq: int) -> int:
+    """Ψ: the model's parameters, tied ones once, built on the meta device."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        m = GPT2LMHeadModel(GPT2Config(n_positions=max(seq, 128), **model))
+    return sum(p.numel() for p in m.parameters())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, **extra) -> dict:
+    """Run one engine in fresh processes; returns the per-rank results merged, or an error."""
+    out = work / f"{model_key}-n{world_size}-{engine}"
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = 1 if engine == "single" else world_size
+    spec = {
+        "engine": engine,
+        "model": MODELS[model_key],
+        "world_size": world_size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": extra.get("steps", args.steps),
+        "warmup": extra.get("warmup", args.warmup),
+        "device": args.device,
+        "port": free_port(),
+        "out": str(out),
+        "save_dir": extra.get("save_dir"),
+    }
+    (out / "spec.json").write_text(json.dumps(spec))
+    env = {
+        **os.environ,
+        **MMAP_ENV,
+        "OMP_NUM_THREADS": str(world_size if engine == "single" else 1),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if args.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    start = time.perf_counter()
+    logs = [open(out / f"rank{r}.log", "w") for r in range(ranks)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out / "spec.json"), str(r)],
+            env=env,
+            cwd=ROOT,
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(ranks)
+    ]
+    deadline = start + args.run_timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.perf_counter())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            codes.append("timeout")
+    for f in logs:
+        f.close()
+    wall = time.perf_counter() - start
+    results = []
+    for r in range(ranks):
+        path = out / f"rank{r}.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+    if len(results) != ranks or any(c != 0 for c in codes):
+        tail = (out / "rank0.log").read_text()[-2000:] if (out / "rank0.log").exists() else ""
+        bad = next((r for r, c in enumerate(codes) if c != 0), 0)
+        if bad:
+            tail = (out / f"rank{bad}.log").read_text()[-2000:]
+        return {"engine": engine, "error": f"exit codes {codes}", "log_tail": tail, "wall_s": wall}
+    per_step = [max(vals) for vals in zip(*(r["step_times_s"] for r in results))]
+    merged = {
+        "engine": engine,
+        "model": model_key,
+        "world_size": world_size,
+        "ranks": ranks,
+        "step_s": statistics.median(per_step),
+        "step_times_s": per_step,
+        "final_loss": results[0]["final_loss"],
+        "state_bytes": [r["state_bytes"] for r in results],
+        "peak_rss_bytes": [r["peak_rss_bytes"] for r in results],
+        "sent_bytes_per_step": [r["sent_bytes_per_step"] for r in results],
+        "wall_s": wall,
+    }
+    for key in ("memory_stats", "comm_bytes_per_step", "comm_path", "peak_cuda_bytes", "save_s"):
+        if key in results[0]:
+            merged[key] = [r.get(key) for r in results]
+    return merged
+
+
+def annotate(res: dict, numel: int) -> None:
+    """Add the formulas next to what was measured."""
+    if "error" in res:
+        return
+    e, n = res["engine"], res["world_size"]
+    stage_n = 1 if e == "single" else n
+    res["numel"] = numel
+    res["formula_bytes"] = formula_bytes(STAGE[e], numel, stage_n)
+    res["state_over_formula"] = max(res["state_bytes"]) / res["formula_bytes"]
+    if "memory_stats" in res:
+        totals = [m["total_bytes"] for m in res["memory_stats"]]
+        res["hf_zero_state_bytes"] = totals
+        res["hf_zero_over_formula"] = max(totals) / res["formula_bytes"]
+    res["volume_elements"] = VOLUME[e] * numel
+    # A ring moves (N-1)/N of each collective's volume out of every rank.
+    res["volume_wire_bytes"] = VOLUME[e] * numel * 4 * (n - 1) / n if e != "single" else 0
+
+
+def add_ratios(results: dict[str, dict]) -> None:
+    ddp = results.get("ddp", {}).get("step_s")
+    for e, res in results.items():
+        if "error" in res or "skipped" in res:
+            continue
+        res["vs_ddp"] = res["step_s"] / ddp if ddp else None
+        res["vs_peer"] = {
+            p: res["step_s"] / results[p]["step_s"]
+            for p in PEERS.get(e, [])
+            if "step_s" in results.get(p, {})
+        }
+
+
+def check_losses(results: dict[str, dict]) -> list[str]:
+    ref_name = "single" if "final_loss" in results.get("single", {}) else "ddp"
+    ref = results.get(ref_name, {}).get("final_loss")
+    problems = []
+    for e, res in results.items():
+        if "final_loss" not in res or ref is None:
+            continue
+        res["loss_rel_diff"] = abs(res["final_loss"] - ref) / abs(ref)
+        res["loss_reference"] = ref_name
+        if res["loss_rel_diff"] > LOSS_RTOL:
+            problems.append(
+                f"{e}: final loss {res['final_loss']:.7g} differs from {ref_name}'s {ref:.7g} "
+                f"by {res['loss_rel_diff']:.2e} relative (> {LOSS_RTOL:g})"
+            )
+        over = res.get("hf_zero_over_formula")
+        if over is not None and abs(over - 1) > FORMULA_RTOL:
+            problems.append(
+                f"{e}: hf_zero memory_stats {max(res['hf_zero_state_bytes'])} bytes per rank, "
+                f"formula {res['formula_bytes']:.0f} ({over:.4f}x)"
+            )
+    return problems
+
+
+# ---- consolidation --------------------------------------------------------------------------
+
+CONSOLIDATE_CHILD = r"""
+import json, resource, sys, time
+tool, src, dst = sys.argv[1:4]
+t0 = time.perf_counter()
+if tool == "hf_zero":
+    import hf_zero
+else:
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+t1 = time.perf_counter()
+if src != "--import-only":
+    if tool == "hf_zero":
+        hf_zero.consolidate(src, dst, progress=False)
+    else:
+        convert_zero_checkpoint_to_fp32_state_dict(src, dst, tag="step")
+t2 = time.perf_counter()
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"import_s": t1 - t0, "consolidate_s": t2 - t1, "peak_rss_bytes": rss}))
+"""
+
+
+def measure_consolidation(tool: str, src: Path, dst: Path) -> dict:
+    env = {**os.environ, **MMAP_ENV, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    out = {}
+    for label, argv in (("run", [str(src), str(dst)]), ("import_only", ["--import-only", "-"])):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", CONSOLIDATE_CHILD, tool, *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        if done.returncode:
+            return {"tool": tool, "error": done.stderr[-2000:]}
+        rec = json.loads(done.stdout.strip().splitlines()[-1])
+        rec["process_s"] = time.perf_counter() - start
+        out[label] = rec
+    size = sum(f.stat().st_size for f in dst.rglob("*") if f.suffix in (".safetensors", ".bin"))
+    return {
+        "tool": tool,
+        "consolidate_s": out["run"]["consolidate_s"],
+        "process_s": out["run"]["process_s"],
+        "peak_rss_bytes": out["run"]["peak_rss_bytes"],
+        "import_only_peak_rss_bytes": out["import_only"]["peak_rss_bytes"],
+        "export_bytes": size,
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+MB = 1e6
+
+
+def _mb(x) -> str:
+    return "–" if x is None else f"{x / MB:,.1f}"
+
+
+def main_table(results: dict[str, dict]) -> str:
+    head = (
+        "| engine | s/step | × DDP | × peer | model states / rank (MB) | ZeRO formula (MB) "
+        "| measured / formula | peak RSS / rank (MB) | sent / rank / step (MB) "
+        "| ZeRO volume (MB on the wire) | final loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for e, r in results.items():
+        if "skipped" in r:
+            rows.append(f"| {e} | skipped: {r['skipped']} |" + " |" * 9)
+            continue
+        if "error" in r:
+            rows.append(f"| {e} | FAILED: {r['error']} |" + " |" * 9)
+            continue
+        peer = ", ".join(f"{v:.2f} ({k})" for k, v in (r.get("vs_peer") or {}).items()) or "–"
+        vs_ddp = f"{r['vs_ddp']:.2f}" if r.get("vs_ddp") else "–"
+        sent = r["sent_bytes_per_step"]
+        sent_s = "–" if None in sent else _mb(max(sent))
+        state = max(r["state_bytes"])
+        if "hf_zero_state_bytes" in r:
+            state_s = f"{_mb(state)} (memory_stats {_mb(max(r['hf_zero_state_bytes']))})"
+        else:
+            state_s = _mb(state)
+        rows.append(
+            f"| {e} | {r['step_s']:.3f} | {vs_ddp} | {peer} | {state_s} "
+            f"| {_mb(r['formula_bytes'])} | {r['state_over_formula']:.3f} "
+            f"| {_mb(max(r['peak_rss_bytes']))} | {sent_s} | {_mb(r['volume_wire_bytes'])} "
+            f"| {r['final_loss']:.6f} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def sweep_table(rows: list[dict], key: str) -> str:
+    out = f"| engine | {key} | Ψ | s/step | model states / rank (MB) | formula (MB) "
+    out += "| peak RSS (MB) |\n"
+    out += "|---|---|---|---|---|---|---|\n"
+    for r in rows:
+        if "error" in r:
+            out += f"| {r['engine']} | {r.get(key, '')} | | FAILED: {r['error']} | | | |\n"
+            continue
+        val = r["model"] if key == "model" else r["world_size"]
+        out += (
+            f"| {r['engine']} | {val} | {r['numel'] / 1e6:.2f}M | {r['step_s']:.3f} "
+            f"| {_mb(max(r['state_bytes']))} | {_mb(r['formula_bytes'])} "
+            f"| {_mb(max(r['peak_rss_bytes']))} |\n"
+        )
+    return out
+
+
+def targets(results: dict[str, dict], consolidation: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, met?) for the figures the project aims at."""
+    out = []
+
+    def ratio(a, b):
+        ra, rb = results.get(a, {}), results.get(b, {})
+        if "step_s" in ra and "step_s" in rb:
+            return ra["step_s"] / rb["step_s"]
+        return None
+
+    for eng, peer, limit in (
+        ("hf_zero2", "deepspeed2", 1.00),
+        ("hf_zero2", "ddp", 1.05),
+        ("hf_zero2", "single", 1.15),
+        ("hf_zero3", "deepspeed3", 1.00),
+        ("hf_zero3", "fsdp2", 1.00),
+    ):
+        r = ratio(eng, peer)
+        what = f"{eng} step time ≤ {limit:.2f}× {peer}"
+        out.append(
+            (what, "–" if r is None else f"{r:.3f}×", "n/a" if r is None else _yes(r <= limit))
+        )
+    for e in ("hf_zero0", "hf_zero1", "hf_zero2", "hf_zero3"):
+        over = results.get(e, {}).get("hf_zero_over_formula")
+        if over is not None:
+            out.append(
+                (
+                    f"{e} model-state bytes = formula ±0.5%",
+                    f"{over:.4f}×",
+                    _yes(abs(over - 1) <= FORMULA_RTOL),
+                )
+            )
+    h3 = results.get("hf_zero3", {})
+    for peer in ("fsdp2", "deepspeed3"):
+        p = results.get(peer, {})
+        if "peak_rss_bytes" in h3 and "peak_rss_bytes" in p:
+            a, b = max(h3["peak_rss_bytes"]), max(p["peak_rss_bytes"])
+            out.append((f"hf_zero3 peak RSS ≤ {peer}", f"{_mb(a)} vs {_mb(b)} MB", _yes(a <= b)))
+    h, d = consolidation.get("hf_zero", {}), consolidation.get("deepspeed", {})
+    if "peak_rss_bytes" in h and "peak_rss_bytes" in d:
+        r = h["peak_rss_bytes"] / d["peak_rss_bytes"]
+        out.append(("consolidate peak RSS ≤ 0.5× zero_to_fp32", f"{r:.2f}×", _yes(r <= 0.5)))
+        t = h["process_s"] / d["process_s"]
+        out.append(("consolidate wall time ≤ zero_to_fp32", f"{t:.2f}×", _yes(t <= 1.0)))
+    return out
+
+
+def _yes(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if deepspeed_available():
+        from importlib.metadata import version
+
+        info["deepspeed"] = version("deepspeed")
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plots(report: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    main = {e: r for e, r in report["main"].items() if "step_s" in r}
+    names = list(main)
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    vals = [main[e]["vs_ddp"] or 0 for e in names]
+    colors = ["tab:orange" if e.startswith("hf_zero") else "tab:gray" for e in names]
+    ax.barh(names, vals, color=colors)
+    ax.axvline(1.0, color="k", lw=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("step time / DDP step time")
+    ax.set_title(f"{report['config']['model']}, {report['config']['world_size']} ranks")
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    made.append(_save(fig, out_dir / "step_time_ratio.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(names, [max(main[e]["state_bytes"]) / MB for e in names], color=colors)
+    ax.scatter(
+        [main[e]["formula_bytes"] / MB for e in names],
+        names,
+        marker="|",
+        s=400,
+        color="k",
+        label="ZeRO formula",
+        zorder=3,
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("model-state bytes per rank (MB)")
+    ax.legend(loc="lower right")
+    made.append(_save(fig, out_dir / "memory_per_rank.png"))
+
+    sweep = [r for r in report["model_sweep"] if "step_s" in r]
+    if sweep:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for e in dict.fromkeys(r["engine"] for r in sweep):
+            pts = sorted((r["numel"], r) for r in sweep if r["engine"] == e)
+            xs = [p / 1e6 for p, _ in pts]
+            a1.plot(xs, [r["step_s"] for _, r in pts], marker="o", label=e)
+            a2.plot(xs, [max(r["state_bytes"]) / MB for _, r in pts], marker="o", label=e)
+        a1.set(xlabel="parameters (M)", ylabel="s / step", title="step time vs model size")
+        a2.set(xlabel="parameters (M)", ylabel="MB per rank", title="model states vs model size")
+        a1.legend(fontsize=7)
+        made.append(_save(fig, out_dir / "scaling_model_size.png"))
+
+    sweep = [r for r in report["world_size_sweep"] if "step_s" in r]
+    if sweep:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for e in dict.fromkeys(r["engine"] for r in sweep):
+            pts = sorted((r["world_size"], r) for r in sweep if r["engine"] == e)
+            line = ax.plot(
+                [n for n, _ in pts], [max(r["state_bytes"]) / MB for _, r in pts], "o-", label=e
+            )[0]
+            ax.plot(
+                [n for n, _ in pts],
+                [r["formula_bytes"] / MB for _, r in pts],
+                "--",
+                color=line.get_color(),
+                lw=1,
+            )
+        ax.set(
+            xlabel="ranks (N)",
+            ylabel="model-state MB per rank",
+            title=f"{report['config']['model']}: measured (solid), formula (dashed)",
+        )
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out_dir / "scaling_world_size.png"))
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [
+        f"# hf_zero benchmark: {c['model']} ({report['main_numel'] / 1e6:.1f}M parameters), "
+        f"{c['world_size']} ranks on {c['device']}",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
+        f"torch {report['machine']['torch']}"
+        + (f", GPU {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
+        + (
+            f", DeepSpeed {report['machine']['deepspeed']}"
+            if "deepspeed" in report["machine"]
+            else ""
+        ),
+        f"Batch {c['batch']} per rank, sequence {c['seq']}, fp32 AdamW, {c['warmup']} warm-up + "
+        f"{c['steps']} measured steps; s/step is the median over steps of the slowest rank.",
+        "",
+        main_table(report["main"]),
+    ]
+    if report["targets"]:
+        lines += ["| target | measured | |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in report["targets"]]
+        lines.append("")
+    if report["consolidation"]:
+        lines += [
+            "Consolidation of the ZeRO-3 checkpoints to fp32 safetensors (fresh process each):",
+            "",
+            "| tool | call (s) | process (s) | peak RSS (MB) | imports alone (MB) | output (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for tool, r in report["consolidation"].items():
+            if "error" in r:
+                lines.append(f"| {tool} | FAILED | | | | |")
+                continue
+            lines.append(
+                f"| {tool} | {r['consolidate_s']:.2f} | {r['process_s']:.2f} "
+                f"| {_mb(r['peak_rss_bytes'])} | {_mb(r['import_only_peak_rss_bytes'])} "
+                f"| {_mb(r['export_bytes'])} |"
+            )
+        lines.append("")
+    if report["model_sweep"]:
+        lines += ["Scaling with model size:", "", sweep_table(report["model_sweep"], "model")]
+    if report["world_size_sweep"]:
+        lines += ["Memory with N:", "", sweep_table(report["world_size_sweep"], "N")]
+    if report["problems"]:
+        lines += ["**Correctness problems:**", ""] + [f"- {p}" for p in report["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), help="default gpt2 (tiny with --quick)")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--seq", type=int, help="sequence length (default 128, 32 with --quick)")
+    p.add_argument("--steps", type=int, help="measured steps (default 5, 3 with --quick)")
+    p.add_argument("--warmup", type=int, help="unmeasured steps first (default 2, 1 with --quick)")
+    p.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--sizes", help="models for the size sweep (comma-separated; '' for none)")
+    p.add_argument("--world-sizes", help="N for the memory sweep (comma-separated; '' for none)")
+    p.add_argument("--sweep-engines", help="engines in the sweeps")
+    p.add_argument("--no-consolidate", action="store_true", help="skip the consolidation part")
+    p.add_argument("--quick", action="store_true", help="tiny model, short sweeps: a few minutes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out-dir", default="bench_results")
+    p.add_argument("--run-timeout", type=float, default=1800, help="seconds per engine run")
+    p.add_argument("--keep-work", action="store_true", help="keep logs and checkpoints")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.model = args.model or ("tiny" if q else "gpt2")
+    args.seq = args.seq or (32 if q else 128)
+    args.steps = args.steps or (3 if q else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
+    if args.sizes is None:
+        args.sizes = "tiny,tiny-wide" if q else "gpt2-4x256,gpt2-6x512,gpt2"
+    if args.world_sizes is None:
+        args.world_sizes = "1,2,3" if q else "1,2,3,4"
+    if args.sweep_engines is None:
+        args.sweep_engines = (
+            "ddp,hf_zero2,hf_zero3" if q else "ddp,fsdp2,hf_zero1,hf_zero2,hf_zero3,deepspeed3"
+        )
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("engines", "sweep_engines"):
+        val = getattr(args, name)
+        chosen = ENGINES if val is None else [e for e in val.split(",") if e]
+        bad = [e for e in chosen if e not in ENGINES]
+        if bad:
+            p.error(f"--{name.replace('_', '-')}: unknown engine(s) {bad}; choose from {ENGINES}")
+        setattr(args, name, chosen)
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    bad = [s for s in args.sizes if s not in MODELS]
+    if bad:
+        p.error(f"--sizes: unknown model(s) {bad}; choose from {sorted(MODELS)}")
+    try:
+        args.world_sizes = [int(n) for n in args.world_sizes.split(",") if n]
+    except ValueError:
+        p.error(f"--world-sizes must be comma-separated integers, got {args.world_sizes!r}")
+    if args.world_size < 1 or any(n < 1 for n in args.world_sizes):
+        p.error("world sizes must be >= 1")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.device == "cuda":
+        import torch
+
+        need = max([args.world_size, *args.world_sizes])
+        if torch.cuda.device_count() < need:
+            p.error(
+                f"--device cuda needs {need} GPUs (one per rank), found {torch.cuda.device_count()}"
+            )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="hf_zero_bench-", dir=out_dir if args.keep_work else None))
+    have_ds = deepspeed_available()
+    started = time.perf_counter()
+    numel_of = {m: count_params(MODELS[m], args.seq) for m in {args.model, *args.sizes}}
+
+    def one(engine, model_key, n, **kw):
+        if engine.startswith("deepspeed") and not have_ds:
+            return {"engine": engine, "skipped": "DeepSpeed is not installed (see README)"}
+        t0 = time.perf_counter()
+        res = run_engine(engine, args, model_key, n, work, **kw)
+        annotate(res, numel_of[model_key])
+        status = res.get("error") or f"{res['step_s']:.3f} s/step"
+        progress(f"  {engine:<17} {model_key} N={n}: {status} ({time.perf_counter() - t0:.0f} s)")
+        return res
+
+    progress(f"main: {args.model}, {args.world_size} ranks, {args.device}")
+    save_dir = None if args.no_consolidate else work / "checkpoints"
+    main_results = {
+        e: one(e, args.model, args.world_size, save_dir=str(save_dir) if save_dir else None)
+        for e in args.engines
+    }
+    add_ratios(main_results)
+    problems = check_losses(main_results)
+
+    consolidation = {}
+    if save_dir is not None:
+        progress("consolidation")
+        for tool, name in (("hf_zero", "hf_zero3"), ("deepspeed", "deepspeed3")):
+            src = save_dir / name
+            if src.is_dir():
+                consolidation[tool] = measure_consolidation(tool, src, work / f"export-{tool}")
+                progress(f"  {tool}: {consolidation[tool].get('process_s', 'FAILED')}")
+
+    model_sweep = []
+    if len(args.sizes) > 1:
+        progress(f"size sweep: {args.sizes}")
+        for m in args.sizes:
+            for e in args.sweep_engines:
+                if m == args.model and e in main_results:
+                    model_sweep.append(main_results[e])
+                else:
+                    model_sweep.append(one(e, m, args.world_size))
+    ws_sweep = []
+    if len(args.world_sizes) > 1:
+        progress(f"world-size sweep (memory): {args.world_sizes}")
+        for n in args.world_sizes:
+            for e in args.sweep_engines:
+                if n == args.world_size and e in main_results:
+                    ws_sweep.append(main_results[e])
+                else:
+                    ws_sweep.append(one(e, args.model, n, steps=1, warmup=1))
+    for r in model_sweep + ws_sweep:
+        if "error" in r:
+            problems.append(f"{r['engine']} (sweep): {r['error']}")
+    problems += [
+        f"{e}: {r['error']}\n{r['log_tail']}" for e, r in main_results.items() if "error" in r
+    ]
+    report = {
+        "command": " ".join(
+            ["python", "scripts/bench.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "config": {
+            "model": args.model,
+            "model_config": MODELS[args.model],
+            "world_size": args.world_size,
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "device": args.device,
+        },
+        "main_numel": numel_of[args.model],
+        "main": main_results,
+        "targets": [],
+        "consolidation": consolidation,
+        "model_sweep": [r for r in model_sweep if "skipped" not in r],
+        "world_size_sweep": [r for r in ws_sweep if "skipped" not in r],
+        "problems": problems,
+        "total_s": None,
+    }
+    report["targets"] = targets(main_results, consolidation)
+    report["total_s"] = time.perf_counter() - started
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    try:
+        made = plots(report, out_dir)
+        md += "\nPlots: " + ", ".join(made) + "\n"
+    except ImportError:
+        md += "\nPlots not drawn: matplotlib is not installed (pip install '.[bench]').\n"
+    (out_dir / "results.md").write_text(md)
+    print(md)
+    progress(f"wrote {out_dir}/results.json, results.md ({report['total_s']:.0f} s in all)")
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
