@@ -11,10 +11,11 @@ Byte accounting (per rank, the ZeRO paper's convention, DESIGN.md §1):
 - all_gather into an n-element output: n
 So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ.
 
-Backend choice: on gloo a reduce-scatter costs about 1.8x an all-reduce of the same tensor (gloo
-implements it as an all-reduce plus a copy), so `reduce_scatter` there runs an all-reduce and
-slices the owned shard locally. On NCCL it is a true reduce-scatter. Both are counted as the
-reduce-scatter they implement; `CommStats.paths` records which implementation ran.
+Backend choice: gloo's own reduce-scatter and all-gather are slow (measured here on a 496 MB
+buffer, 2 ranks: reduce-scatter 0.60 s, all-gather 0.63 s, all-reduce 0.34 s, one broadcast per
+rank's slice 0.13 s). So on gloo `reduce_scatter` runs an all-reduce and keeps the owned slice,
+and `all_gather` runs one broadcast per rank. On NCCL they are the true collectives. Either way
+they are counted as the collective they implement; `CommStats.paths` records which ran.
 """
 
 from __future__ import annotations
@@ -197,17 +198,25 @@ def reduce_scatter(
     label: str = "reduce-scatter",
 ) -> Pending:
     """Sum `input` (1D, world_size * output.numel()) across the group; `output` gets this rank's
-    slice. `input` is clobbered (on gloo it holds the full sum afterwards)."""
+    slice. `input` is clobbered (on gloo it holds the full sum afterwards).
+
+    `output` is either a separate tensor or exactly this rank's own slice of `input` (in place:
+    on gloo no copy is made at all; on NCCL the result lands in a separate tensor first and is
+    copied into the slice, so NCCL never sees aliased buffers)."""
     n = output.numel()
     if input.numel() != n * group.world_size:
         raise ValueError(
             f"reduce_scatter input has {input.numel()} elements, expected {group.world_size} x {n}"
         )
     lo = group.rank * n
+    own = input[lo : lo + n]
+    in_place = output.data_ptr() == own.data_ptr() and output.numel() == own.numel()
+    if not in_place and _overlaps(output, input):
+        raise ValueError("reduce_scatter output must be separate from input or its own slice")
 
     def take_slice() -> None:
-        if output.data_ptr() != input[lo : lo + n].data_ptr():
-            output.copy_(input[lo : lo + n])
+        if not in_place:
+            output.copy_(own)
 
     if group.group is None:
         stats.add("reduce_scatter", _nbytes(input), "local")
@@ -215,12 +224,13 @@ def reduce_scatter(
         return Pending()
     if group.backend == "nccl":
         stats.add("reduce_scatter", _nbytes(input), "reduce_scatter_single")
+        dst = torch.empty_like(output) if in_place else output
         work = _issue(
             label,
             group,
-            lambda: dist.reduce_scatter_single(output, input, group=group.group, async_op=True),
+            lambda: dist.reduce_scatter_single(dst, input, group=group.group, async_op=True),
         )
-        return _finish(work, label, group, async_op)
+        return _finish(work, label, group, async_op, (lambda: own.copy_(dst)) if in_place else None)
     stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
     work = _issue(label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True))
     return _finish(work, label, group, async_op, take_slice)
@@ -238,10 +248,11 @@ def all_gather(
     """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
 
     `input` is either a separate tensor or exactly this rank's own slice of `output`
-    (in place: no copy of it is made). On gloo, whose all-gather measured 1.5-2.8x slower than
-    an all-reduce of the same buffer, the other ranks' slices are zeroed and the buffer is
-    summed: every element adds one value to zeros, so the result is exact (the sign of a zero
-    aside). Counted as an all-gather of `output` either way.
+    (in place: no copy of it is made). On gloo, whose all-gather of a 496 MB buffer took 0.63 s
+    at N=2 (1.7 s at N=3) here, each rank broadcasts its slice instead: N broadcasts in flight
+    at once took 0.13 s (0.22 s), against 0.34 s (0.53 s) for an all-reduce of the buffer. A
+    broadcast is a copy, so the result is exact, and each rank sends only its own slice.
+    Counted as an all-gather of `output` either way.
     """
     n = input.numel()
     if output.numel() != n * group.world_size:
@@ -259,15 +270,20 @@ def all_gather(
             own.copy_(input)
         return Pending()
     if group.backend == "gloo":
-        stats.add("all_gather", _nbytes(output), "all_reduce of the zero-filled buffer")
+        stats.add("all_gather", _nbytes(output), "broadcast of each rank's slice")
         if not in_place:
             own.copy_(input)
-        output[:lo].zero_()
-        output[lo + n :].zero_()
-        work = _issue(
-            label, group, lambda: dist.all_reduce(output, group=group.group, async_op=True)
-        )
-        return _finish(work, label, group, async_op)
+        works = [
+            _issue(
+                label,
+                group,
+                lambda r=r: dist.broadcast(
+                    output[r * n : (r + 1) * n], group=group.group, group_src=r, async_op=True
+                ),
+            )
+            for r in range(group.world_size)
+        ]
+        return _finish(_Works(works), label, group, async_op)
     stats.add("all_gather", _nbytes(output), "all_gather_single")
     work = _issue(
         label,
@@ -277,6 +293,22 @@ def all_gather(
         ),
     )
     return _finish(work, label, group, async_op)
+
+
+class _Works:
+    """Several works in flight as one (wait for all, completed when all are)."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -314,8 +314,10 @@ class ZeroEngine(nn.Module):
         self.params_store.publish(fus)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients this rank holds (the flat buffers stay allocated)."""
-        self.grads.zero()
+        """Zero the gradients this rank holds. At stages 2-3, `set_to_none=True` (torch's
+        default) frees the gradient shards until the next backward creates them; stages 0-1
+        keep their full flat buffers (param.grad are views into them) and zero them."""
+        self.grads.zero(set_to_none)
         self.sharded_optimizer.clear_grads()
         self._grads_ready = False
         self._clipped = False

@@ -16,6 +16,14 @@ One optimizer step, given the reduced gradient slices (sums over ranks, loss-sca
   3. non-finite norm with a dynamic loss scaler: every rank skips (the norm is the same on all);
   4. clip by max_norm / (norm + 1e-6), as torch.nn.utils.clip_grad_norm_;
   5. optimizer.step() on the masters; copy masters into the compute slices when they differ.
+
+Kernel choice: a master is one long 1D tensor, where torch's default CPU implementation (a
+for-loop of whole-tensor ops, each one a pass over memory with fresh temporaries) is at its
+slowest: 0.73 s for a 124M-element AdamW step on one core here, against 0.14 s for torch's
+fused kernel (one pass, no temporaries). So for the classes that have a fused kernel
+(FUSED_CLASSES) on the masters' device, a param group that left both `fused` and `foreach` at
+their default None is stepped with `fused=True`: the same update, to fp32 rounding. A group
+that set either explicitly keeps its choice, and so does one with `differentiable=True`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,41 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.RMSprop,
     torch.optim.Rprop,
 )
+
+
+# Elementwise optimizers with a fused kernel that hf_zero picks by default (see the module note).
+FUSED_CLASSES: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.SGD,
+    torch.optim.Adagrad,
+)
+# Param-group keys that choose an implementation, not the update: a checkpoint's values for
+# them are not applied on load (the engine that loads keeps its own).
+IMPLEMENTATION_KEYS = ("foreach", "fused")
+
+
+def choose_fused(optimizer: torch.optim.Optimizer, device: torch.device) -> list[bool]:
+    """Set `fused=True` on the param groups that leave the kernel to torch (both `fused` and
+    `foreach` None) when the class has a fused kernel on `device`. Returns, per group, whether
+    it is now fused."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = type(optimizer) in FUSED_CLASSES and (
+        device.type in _get_fused_kernels_supported_devices()
+    )
+    out = []
+    for g in optimizer.param_groups:
+        if (
+            supported
+            and "fused" in g
+            and g["fused"] is None
+            and g.get("foreach") is None
+            and not g.get("differentiable", False)
+        ):
+            g["fused"] = True
+        out.append(bool(g.get("fused")))
+    return out
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
@@ -103,6 +146,8 @@ class ShardedOptimizer:
                 self.masters[fu.index] for fu in self.layout.flat_units if fu.group == gi
             ]
         self.optimizer.state = defaultdict(dict)
+        if self.masters:
+            choose_fused(self.optimizer, next(iter(self.masters.values())).device)
 
     def trainable(self) -> list[FlatUnit]:
         return [fu for fu in self.layout.flat_units if fu.trainable]

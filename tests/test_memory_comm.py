@@ -1,5 +1,6 @@
 """Tier 2: the ZeRO promise, measured. `memory_stats()` on every rank equals DESIGN.md §1's
-formula for each stage and precision, and `comm_stats()` over one optimizer step is 2Ψ elements
+formula for each stage and precision (after the step, every model state alive), `zero_grad()`
+frees the gradient shards of stages 2-3, and `comm_stats()` over one optimizer step is 2Ψ elements
 (stages 0-2) or 3Ψ (stage 3), padding aside."""
 
 from __future__ import annotations
@@ -46,13 +47,20 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
                 model, opt, config=hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed)
             )
             # Step 1 creates the optimizer state; step 2 is the one whose traffic is counted.
+            # Model states are measured where all of them are alive: after the step, before
+            # zero_grad (which frees the gradient shards at stages 2-3).
             for step in range(2):
+                engine.zero_grad()
                 before = engine.comm_stats()
                 loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
                 engine.backward(loss)
                 engine.step()
-                engine.zero_grad()
             after = engine.comm_stats()
+            memory = engine.memory_stats()
+            engine.zero_grad(set_to_none=False)
+            kept = engine.memory_stats()["grad_bytes"]
+            engine.zero_grad()
+            freed = engine.memory_stats()["grad_bytes"]
             moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "total"}
             layout = engine.layout
             rows.append(
@@ -65,7 +73,9 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
                     "flats": len(layout.flat_units),
                     "opt_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
                     "params": len(engine.sharded_optimizer.trainable_specs()),
-                    "memory": engine.memory_stats(),
+                    "memory": memory,
+                    "grad_bytes_zeroed": kept,
+                    "grad_bytes_set_to_none": freed,
                     "moved": moved,
                 }
             )
@@ -86,6 +96,10 @@ def test_memory_and_communication_match_formula(world_size):
             slack = r["flats"] * n * 16 + 4 * r["opt_params"]
             for key in ("param_bytes", "grad_bytes", "optim_bytes", "total_bytes"):
                 assert want[key] <= got[key] <= want[key] + slack, (key, r, want)
+            # zero_grad(set_to_none=False) keeps every gradient buffer; the default frees the
+            # shards of stages 2-3, while stages 0-1 keep their full buffers (grads are views).
+            assert r["grad_bytes_zeroed"] == got["grad_bytes"], r
+            assert r["grad_bytes_set_to_none"] == (0 if stage >= 2 else got["grad_bytes"]), r
             padded_bytes = r["padded"] * low
             moved = r["moved"]
             # One small fp32 all-reduce per step: the grad norm's sum of squares and a

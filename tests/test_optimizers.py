@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
+from hf_zero.optimizer import FUSED_CLASSES, IMPLEMENTATION_KEYS
 from tests.helpers.dist import run_distributed
 from tests.parity_cases import ACCUM, global_batch, make_model, max_weight_diff, rank_slice
 
@@ -39,7 +40,17 @@ CASES = (
     "adam_group_weight_decay",
     "adamw_linear_warmup",
     "lambdalr_before_initialize",
+    "adamw_explicit_for_loop",
 )
+CASE_CLASSES = {
+    "sgd_nesterov": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rmsprop": torch.optim.RMSprop,
+    "adam_group_weight_decay": torch.optim.Adam,
+    "adamw_linear_warmup": torch.optim.AdamW,
+    "lambdalr_before_initialize": torch.optim.AdamW,
+    "adamw_explicit_for_loop": torch.optim.AdamW,
+}
 SCHEDULED = ("adamw_linear_warmup", "lambdalr_before_initialize")
 
 
@@ -89,6 +100,12 @@ def _make_optimizer(case: str, model: torch.nn.Module):
             [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
             lr=1e-3,
         )
+    elif case == "adamw_explicit_for_loop":  # a kernel the user chose is kept
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-3,
+            foreach=False,
+        )
     else:
         raise ValueError(case)
     if case == "lambdalr_before_initialize":
@@ -107,7 +124,15 @@ def _make_late_scheduler(case: str, opt: torch.optim.Optimizer):
 
 
 def _hyperparameters(opt: torch.optim.Optimizer) -> list[dict]:
-    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    """What each group updates with; the kernel choice (`fused`, `foreach`) is checked apart."""
+    return [
+        {k: v for k, v in g.items() if k != "params" and k not in IMPLEMENTATION_KEYS}
+        for g in opt.param_groups
+    ]
+
+
+def _kernels(opt: torch.optim.Optimizer) -> list[tuple]:
+    return [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
 
 
 def _state_keys(opt: torch.optim.Optimizer) -> list[list[str]]:
@@ -168,6 +193,7 @@ def _train_engine(case: str, stage: int, rank: int) -> tuple[hf_zero.ZeroEngine,
         "losses": losses,
         "lrs": lrs,
         "hyper": _hyperparameters(engine.optimizer),
+        "kernels": _kernels(engine.optimizer),
         "state_keys": _state_keys(engine.optimizer),
         "same_object": same_object,
     }
@@ -196,6 +222,7 @@ def _optimizers_worker(rank: int, world_size: int, cases, stages) -> dict:
                     "ref_lrs": ref["lrs"],
                     "hyper": got["hyper"],
                     "ref_hyper": ref["hyper"],
+                    "kernels": got["kernels"],
                     "state_keys": got["state_keys"],
                     "ref_state_keys": ref["state_keys"],
                     "same_object": got["same_object"],
@@ -228,6 +255,13 @@ def test_optimizer_matches_single_process(results, case, stage):
         assert r["loss"] <= LOSS_RTOL, f"rank {rank}: loss rel diff {r['loss']:.3g}"
         assert r["lrs"] == r["ref_lrs"], f"rank {rank}: lr per step {r['lrs']} != {r['ref_lrs']}"
         assert r["hyper"] == r["ref_hyper"]
+        # The reference steps with torch's default CPU kernel (a for-loop); the engine picks the
+        # fused one for the classes that have it, so parity holds across the two kernels.
+        if case == "adamw_explicit_for_loop":
+            want = (None, False)
+        else:
+            want = (True, None) if CASE_CLASSES[case] in FUSED_CLASSES else (None, None)
+        assert r["kernels"] == [want, want], r["kernels"]
         assert r["state_keys"] == r["ref_state_keys"]
     weights = results[0][(case, stage)]["weights"]
     assert weights <= WEIGHT_ATOL, f"max weight diff {weights:.3g}"

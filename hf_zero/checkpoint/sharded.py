@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import comm
+from ..optimizer import IMPLEMENTATION_KEYS
 from ..partition import plan_reads
 from .format import (
     FORMAT_VERSION,
@@ -475,7 +476,7 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
             opt.state.pop(master, None)
     for g, saved in zip(opt.param_groups, manifest["optimizer"].get("param_groups", [])):
         for k, v in saved.items():
-            if k in g and k != "params":
+            if k in g and k != "params" and k not in IMPLEMENTATION_KEYS:
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
     for buf, value in buffers:
         buf.copy_(value)

@@ -1,0 +1,134 @@
+"""Tier 2: the collectives of `hf_zero.comm`, on real gloo ranks and at world size 1.
+
+gloo runs reduce-scatter as an all-reduce plus the owned slice, and all-gather as one broadcast
+per rank's slice (comm.py's note). Both are checked for exact results, with the input separate
+from the output and in place (the output being the input's own slice, or the other way round),
+for the bytes they count, and for the implementation they record. Values are small integers, so
+every sum is exact in fp32 and any wrong element shows.
+
+Also tier 1: the gradient store's buffer pool (`grads._BufferPool`), with no process group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_zero import comm
+from hf_zero.grads import _BufferPool
+from tests.helpers.dist import run_distributed
+
+SHARD = 5  # elements per rank: odd, so no slice is aligned by accident
+
+
+def _values(rank: int, numel: int) -> torch.Tensor:
+    return torch.arange(numel, dtype=torch.float32) * (rank + 1) + 100 * rank
+
+
+def _collectives_worker(rank: int, world_size: int) -> dict:
+    group = comm.resolve_group(None)
+    stats = comm.CommStats()
+    n = SHARD * world_size
+    out = {}
+
+    # reduce-scatter, separate output
+    full = _values(rank, n)
+    shard = torch.empty(SHARD)
+    comm.reduce_scatter(shard, full, group=group, stats=stats, async_op=True).wait()
+    out["rs_separate"] = shard.clone()
+    # reduce-scatter in place: the output is the input's own slice
+    full = _values(rank, n)
+    own = full[rank * SHARD : (rank + 1) * SHARD]
+    comm.reduce_scatter(own, full, group=group, stats=stats)
+    out["rs_in_place"] = own.clone()
+
+    # all-gather, separate input
+    gathered = torch.full((n,), -1.0)
+    comm.all_gather(gathered, _values(rank, SHARD), group=group, stats=stats, async_op=True).wait()
+    out["ag_separate"] = gathered.clone()
+    # all-gather in place: the input is the output's own slice, the rest holds junk
+    gathered = torch.full((n,), float("nan"))
+    gathered[rank * SHARD : (rank + 1) * SHARD] = _values(rank, SHARD)
+    comm.all_gather(gathered, gathered[rank * SHARD : (rank + 1) * SHARD], group=group, stats=stats)
+    out["ag_in_place"] = gathered.clone()
+
+    errors = {}
+    base = torch.zeros(n + 1)
+    buf, shifted = base[:n], base[1 : SHARD + 1]  # shifted overlaps buf but is no rank's slice
+    for name, call in {
+        "rs_overlap": lambda: comm.reduce_scatter(
+            shifted, buf, group=group, stats=comm.CommStats()
+        ),
+        "ag_overlap": lambda: comm.all_gather(buf, shifted, group=group, stats=comm.CommStats()),
+        "rs_size": lambda: comm.reduce_scatter(
+            torch.zeros(SHARD + 1), buf, group=group, stats=comm.CommStats()
+        ),
+    }.items():
+        try:
+            call()
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    out["bytes"] = dict(stats.bytes)
+    out["calls"] = dict(stats.calls)
+    out["paths"] = dict(stats.paths)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [None, 1, 2, 3, 4])
+def test_reduce_scatter_and_all_gather_are_exact(world_size):
+    """world_size None: no process group at all (the local path), in this process."""
+    if world_size is None:
+        assert not torch.distributed.is_initialized()
+        results, world_size, local = [_collectives_worker(0, 1)], 1, True
+    else:
+        results, local = run_distributed(_collectives_worker, world_size, timeout=120), False
+    n = SHARD * world_size
+    total = sum(_values(r, n) for r in range(world_size))
+    concat = torch.cat([_values(r, SHARD) for r in range(world_size)])
+    for rank, r in enumerate(results):
+        want = total[rank * SHARD : (rank + 1) * SHARD]
+        assert torch.equal(r["rs_separate"], want), (rank, r["rs_separate"], want)
+        assert torch.equal(r["rs_in_place"], want), (rank, r["rs_in_place"], want)
+        assert torch.equal(r["ag_separate"], concat), (rank, r["ag_separate"])
+        assert torch.equal(r["ag_in_place"], concat), (rank, r["ag_in_place"])
+        # The ZeRO paper's accounting: the full buffer of each collective, 4 bytes an element.
+        assert r["bytes"] == {"reduce_scatter": 2 * 4 * n, "all_gather": 2 * 4 * n}, r["bytes"]
+        assert r["calls"] == {"reduce_scatter": 2, "all_gather": 2}, r["calls"]
+        if local:
+            assert r["paths"] == {"reduce_scatter": "local", "all_gather": "local"}
+        else:
+            assert r["paths"] == {
+                "reduce_scatter": "all_reduce+slice",
+                "all_gather": "broadcast of each rank's slice",
+            }
+        assert r["errors"] == {
+            "rs_overlap": "reduce_scatter output must be separate from input or its own slice",
+            "ag_overlap": "all_gather input must be separate from output or its own slice",
+            "rs_size": f"reduce_scatter input has {n} elements, expected {world_size} x "
+            f"{SHARD + 1}",
+        }, r["errors"]
+
+
+def test_buffer_pool_reuses_only_a_buffer_of_the_same_size_and_kind():
+    pool = _BufferPool(keep=1)
+    a = pool.take(8, torch.float32, torch.device("cpu"))
+    pool.give(a)
+    assert pool.take(8, torch.float32, torch.device("cpu")) is a
+    pool.give(a)
+    other = pool.take(9, torch.float32, torch.device("cpu"))
+    assert other is not a and other.numel() == 9
+    assert pool.take(8, torch.bfloat16, torch.device("cpu")).dtype == torch.bfloat16
+    assert pool.take(8, torch.float32, torch.device("cpu")) is a  # still kept
+
+
+def test_buffer_pool_keeps_at_most_keep_and_nothing_after_clear():
+    pool = _BufferPool(keep=1)
+    a, b = (pool.take(4, torch.float32, torch.device("cpu")) for _ in range(2))
+    pool.give(a)
+    pool.give(b)  # a is dropped: one free buffer is kept
+    assert pool.take(4, torch.float32, torch.device("cpu")) is b
+    assert pool.take(4, torch.float32, torch.device("cpu")) is not a
+    pool.give(b)
+    pool.clear()
+    assert pool.take(4, torch.float32, torch.device("cpu")) is not b
