@@ -4,7 +4,7 @@
 
 Every engine trains the same GPT-2 (same config, seed and initial weights, dropout off) with the
 same AdamW on the same token batches: the global batch of step s is drawn from a generator
-seeded with s, and rank r takes rows [r*B, (r+1)*B). The `single` engine is one process on the
+seeded with s, and rank r takes rows [r*B, (r+1)*B). The `single` engines are one process on the
 whole global batch, with as many threads as the other runs have ranks: the compute limit.
 
 Per rank it measures:
@@ -105,8 +105,8 @@ def live_tensor_bytes() -> int:
 # ---- engines: each returns (train_step(ids) -> loss tensor, extra stats fn) -------------------
 
 
-def setup_single(model, spec, device):
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+def setup_single(model, spec, device, fused=None):
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW, fused=fused)
     return _plain(model, opt), None
 
 
@@ -123,10 +123,11 @@ def _plain(model, opt, after_step=None):
         return loss.detach()
 
     step.state = state
+    step.opt = opt
     return step
 
 
-def setup_ddp(model, spec, device, zero_redundancy=False):
+def setup_ddp(model, spec, device, zero_redundancy=False, fused=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(
@@ -139,7 +140,7 @@ def setup_ddp(model, spec, device, zero_redundancy=False):
 
         opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.AdamW, **ADAMW)
     else:
-        opt = torch.optim.AdamW(ddp.parameters(), **ADAMW)
+        opt = torch.optim.AdamW(ddp.parameters(), **ADAMW, fused=fused)
     return _plain(ddp, opt), None
 
 
@@ -173,6 +174,7 @@ def setup_hf_zero(model, spec, device, stage):
         return loss.detach()
 
     step.state = state
+    step.opt = opt
     step.engine = engine
 
     def extra():
@@ -216,13 +218,16 @@ def setup_deepspeed(model, spec, device, stage):
         return loss.detach()
 
     step.state = state
+    step.opt = opt
     step.engine = engine
     return step, None
 
 
 ENGINES = {
     "single": setup_single,
+    "single_fused": partial(setup_single, fused=True),
     "ddp": setup_ddp,
+    "ddp_fused": partial(setup_ddp, fused=True),
     "zero_redundancy": partial(setup_ddp, zero_redundancy=True),
     "fsdp2": partial(setup_fsdp2, reshard=True),
     "fsdp2_no_reshard": partial(setup_fsdp2, reshard=False),
@@ -235,7 +240,7 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(sys.argv[2])
     engine_name = spec["engine"]
-    single = engine_name == "single"
+    single = engine_name.startswith("single")
     world_size = 1 if single else spec["world_size"]
     cuda = spec["device"] == "cuda"
     torch.set_num_threads(spec["world_size"] if single and not cuda else 1)
@@ -311,6 +316,11 @@ def main() -> None:
         "sent_bytes_per_step": sent / steps if sent is not None and not cuda else None,
         "state_bytes": step.state.get("state_bytes"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # The AdamW kernel that ran: torch's default (a for-loop on CPU) unless fused was
+        # asked for or, for hf_zero, chosen for its flat shards.
+        "optimizer_kernel": "fused"
+        if any(g.get("fused") for g in step.opt.param_groups)
+        else "default",
     }
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()

@@ -48,8 +48,22 @@ def test_every_engine_ran_or_says_why_not(report):
 
     main = report["main"]
     have_ds = importlib.util.find_spec("deepspeed") is not None
-    for engine in ("single", "ddp", "zero_redundancy", "fsdp2", "fsdp2_no_reshard"):
+    for engine in (
+        "single",
+        "single_fused",
+        "ddp",
+        "ddp_fused",
+        "zero_redundancy",
+        "fsdp2",
+        "fsdp2_no_reshard",
+    ):
         assert "step_s" in main[engine], main[engine]
+    # The kernel each engine's AdamW ran with, read off the optimizer: hf_zero picks the fused
+    # one for its flat shards; the plain engines keep torch's default unless asked.
+    kernels = {e: r["optimizer_kernel"] for e, r in main.items() if "step_s" in r}
+    for engine, kernel in kernels.items():
+        fused = engine.endswith("_fused") or engine.startswith("hf_zero")
+        assert kernel == ("fused" if fused else "default"), (engine, kernel)
     for stage in range(4):
         assert "step_s" in main[f"hf_zero{stage}"], main[f"hf_zero{stage}"]
     for engine in ("deepspeed2", "deepspeed3"):
@@ -83,7 +97,7 @@ def test_other_engines_hold_what_their_stage_predicts(report):
     main = ran(report)
     # DDP keeps gradients as views of its buckets, FSDP2 shards everything: their live tensors
     # match the formulas to within the input batch and a few scalars.
-    for engine in ("ddp", "fsdp2", "fsdp2_no_reshard", "single"):
+    for engine in ("ddp", "ddp_fused", "fsdp2", "fsdp2_no_reshard", "single", "single_fused"):
         r = main[engine]
         assert abs(max(r["state_bytes"]) / r["formula_bytes"] - 1) < 0.01, engine
 
