@@ -528,6 +528,7 @@ def plots(report: dict, out_dir: Path) -> list[str]:
                 color=line.get_color(),
                 lw=1,
             )
+        ax.set_xticks(sorted({r["world_size"] for r in sweep}))
         ax.set(
             xlabel="ranks (N)",
             ylabel="model-state MB per rank",

@@ -83,6 +83,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     accum = args.gradient_accumulation_steps
     for step in range(args.steps):
+        engine.zero_grad()  # first, so that the model states measured below are all alive
         for micro in range(accum):
             # Learnable synthetic text: each row counts up from a random token.
             start = torch.randint(0, 1024, (args.per_device_batch_size, 1), generator=gen)
@@ -93,7 +94,6 @@ def main() -> None:
                 engine.backward(loss / accum)
         applied = engine.step()
         scheduler.step()
-        engine.zero_grad()
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(
                 f"step {step:4d}  loss {loss.item():.4f}  grad_norm {engine.grad_norm.item():.3f}  "

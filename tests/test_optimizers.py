@@ -14,6 +14,7 @@ One `run_distributed` call trains every case; the tests assert on its table.
 from __future__ import annotations
 
 import contextlib
+import json
 import traceback
 import warnings
 
@@ -274,3 +275,44 @@ def test_schedules_change_the_lr(results, case):
     assert len(lrs) == STEPS
     for group in range(len(lrs[0])):
         assert len({step[group] for step in lrs}) >= STEPS - 1, lrs
+
+
+def _one_step(engine: hf_zero.ZeroEngine) -> None:
+    loss = engine(**global_batch("gpt2", 0, 0, 1)).loss
+    engine.backward(loss)
+    engine.step()
+    engine.zero_grad()
+
+
+def test_kernel_choice_is_the_loading_engines_own(tmp_path):
+    """A checkpoint records the kernel that stepped it (fused), but loading it into an engine
+    whose optimizer chose torch's for-loop keeps that choice, and the state still steps."""
+    assert not dist.is_initialized()  # world size 1, no process group
+    model = make_model("gpt2")
+    saver = hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert [g["fused"] for g in saver.optimizer.param_groups] == [True]
+    _one_step(saver)
+    saver.save_checkpoint(tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "zero" / "manifest.json").read_text())
+    assert manifest["optimizer"]["param_groups"][0]["fused"] is True
+
+    model = make_model("gpt2", seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    loader = hf_zero.initialize(model, opt)
+    loader.load_checkpoint(tmp_path / "ckpt")
+    assert [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, False)]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(saver.full_state_dict().values(), loader.full_state_dict().values())
+    )
+    _one_step(saver)
+    _one_step(loader)
+    for key, a in saver.full_state_dict().items():
+        torch.testing.assert_close(loader.full_state_dict()[key], a, rtol=0, atol=1e-6)
+
+
+def test_differentiable_groups_keep_the_default_kernel():
+    model = make_model("gpt2")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, differentiable=True)
+    engine = hf_zero.initialize(model, opt)
+    assert [g["fused"] for g in engine.optimizer.param_groups] == [None]

@@ -341,10 +341,16 @@ def _fits(current: Any, saved: Any) -> bool:
     return current is None and not isinstance(saved, list | dict)  # foreach, fused: None or a flag
 
 
+def _restored(g: dict, key: str) -> bool:
+    """Whether a saved hyperparameter `key` replaces this param group's on load: the ones the
+    group has, except its params and the kernel choice, which stays the loading engine's."""
+    return key in g and key != "params" and key not in IMPLEMENTATION_KEYS
+
+
 def _check_param_groups(opt: torch.optim.Optimizer, saved_groups: list, where: str) -> None:
     for i, (g, saved) in enumerate(zip(opt.param_groups, saved_groups)):
         for k, v in saved.items():
-            if k in g and k != "params" and not _fits(g[k], v):
+            if _restored(g, k) and not _fits(g[k], v):
                 raise CheckpointError(
                     f"{where}: optimizer param group {i} has {k}={_show(v)}, which cannot "
                     f"replace this optimizer's {k}={_show(g[k])}"
@@ -476,7 +482,7 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
             opt.state.pop(master, None)
     for g, saved in zip(opt.param_groups, manifest["optimizer"].get("param_groups", [])):
         for k, v in saved.items():
-            if k in g and k != "params" and k not in IMPLEMENTATION_KEYS:
+            if _restored(g, k):
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
     for buf, value in buffers:
         buf.copy_(value)
