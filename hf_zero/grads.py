@@ -27,7 +27,7 @@ counting as zero.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import torch
@@ -115,10 +115,6 @@ class BucketScheduler:
             and len(self.inflight) > self.max_inflight
         ):
             self._finish(*self.inflight.popleft())
-
-    def not_launched(self) -> list[int]:
-        """The buckets of this pass still to launch, in launch order."""
-        return self.order[self._next :]
 
     def flush(self) -> None:
         """Launch every bucket not yet launched, wait for all, and start a new pass."""
@@ -351,6 +347,9 @@ class ShardedGrads(_GradStore):
                 )
         self._unit_remaining = dict(self._unit_expected)
         self._buffers = _BufferPool(keep=1)
+        # Bucket sizes still to launch this pass: a retired buffer is kept only for one of them.
+        self._sizes_per_pass = Counter(fu.padded_numel for fu in _trainable(layout))
+        self._sizes_to_come = Counter(self._sizes_per_pass)
         super().__init__(layout, params, tracker)
 
     def _max_inflight(self) -> int | None:
@@ -377,6 +376,7 @@ class ShardedGrads(_GradStore):
         # 1D, transient. Only what no gradient fills is zeroed: the padding, and parameters
         # without a gradient on this rank (a full fill would touch the bucket twice).
         packed = self._buffers.take(fu.padded_numel, self.dtype, self._devices[index])
+        self._sizes_to_come[fu.padded_numel] -= 1
         packed[fu.numel :].zero_()
         for spec in fu.params:
             p = self.params[spec.name]
@@ -408,13 +408,13 @@ class ShardedGrads(_GradStore):
             shard.add_(out)
         # Keep the buffer only for a bucket of its size still to come this pass: GPT-2's last
         # block bucket would otherwise sit through the embedding backward, where memory peaks.
-        sizes = {self.layout.flat_units[j].padded_numel for j in self.scheduler.not_launched()}
-        if packed.numel() in sizes:
+        if self._sizes_to_come[packed.numel()] > 0:
             self._buffers.give(packed)
 
     def end_backward(self) -> None:
         self.scheduler.flush()
         self._buffers.clear()
+        self._sizes_to_come = Counter(self._sizes_per_pass)
         self._unit_remaining = dict(self._unit_expected)
 
     def reduce_for_step(self) -> None:

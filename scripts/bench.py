@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_report import FORMULA_RTOL, markdown, plots, targets
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "scripts" / "bench_worker.py"
 MMAP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
@@ -102,7 +104,6 @@ PEERS = {
     "hf_zero3": ["deepspeed3", "fsdp2"],
 }
 LOSS_RTOL = 1e-4  # fp32, a few steps: reduction order moves the loss by ~1e-6 relative
-FORMULA_RTOL = 0.005  # hf_zero pads each flat buffer to a multiple of N: far below 0.5%
 
 
 def formula_bytes(stage: int, numel: int, world_size: int) -> float:
@@ -320,119 +321,6 @@ def measure_consolidation(tool: str, src: Path, dst: Path) -> dict:
     }
 
 
-# ---- report ---------------------------------------------------------------------------------
-
-MB = 1e6
-
-
-def _mb(x) -> str:
-    return "–" if x is None else f"{x / MB:,.1f}"
-
-
-def main_table(results: dict[str, dict]) -> str:
-    head = (
-        "| engine | AdamW kernel | s/step | × DDP | × peer | model states / rank (MB) "
-        "| ZeRO formula (MB) | measured / formula | peak RSS / rank (MB) "
-        "| sent / rank / step (MB) | ZeRO volume (MB on the wire) | final loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    rows = []
-    for e, r in results.items():
-        if "skipped" in r:
-            rows.append(f"| {e} | | skipped: {r['skipped']} |" + " |" * 9)
-            continue
-        if "error" in r:
-            rows.append(f"| {e} | | FAILED: {r['error']} |" + " |" * 9)
-            continue
-        peer = ", ".join(f"{v:.2f} ({k})" for k, v in (r.get("vs_peer") or {}).items()) or "–"
-        vs_ddp = f"{r['vs_ddp']:.2f}" if r.get("vs_ddp") else "–"
-        sent = r["sent_bytes_per_step"]
-        sent_s = "–" if None in sent else _mb(max(sent))
-        state = max(r["state_bytes"])
-        if "hf_zero_state_bytes" in r:
-            state_s = f"{_mb(state)} (memory_stats {_mb(max(r['hf_zero_state_bytes']))})"
-        else:
-            state_s = _mb(state)
-        rows.append(
-            f"| {e} | {r.get('optimizer_kernel') or '–'} | {r['step_s']:.3f} | {vs_ddp} | {peer} "
-            f"| {state_s} "
-            f"| {_mb(r['formula_bytes'])} | {r['state_over_formula']:.3f} "
-            f"| {_mb(max(r['peak_rss_bytes']))} | {sent_s} | {_mb(r['volume_wire_bytes'])} "
-            f"| {r['final_loss']:.6f} |"
-        )
-    return head + "\n".join(rows) + "\n"
-
-
-def sweep_table(rows: list[dict], key: str) -> str:
-    out = f"| engine | {key} | Ψ | s/step | model states / rank (MB) | formula (MB) "
-    out += "| peak RSS (MB) |\n"
-    out += "|---|---|---|---|---|---|---|\n"
-    for r in rows:
-        if "error" in r:
-            out += f"| {r['engine']} | {r.get(key, '')} | | FAILED: {r['error']} | | | |\n"
-            continue
-        val = r["model"] if key == "model" else r["world_size"]
-        out += (
-            f"| {r['engine']} | {val} | {r['numel'] / 1e6:.2f}M | {r['step_s']:.3f} "
-            f"| {_mb(max(r['state_bytes']))} | {_mb(r['formula_bytes'])} "
-            f"| {_mb(max(r['peak_rss_bytes']))} |\n"
-        )
-    return out
-
-
-def targets(results: dict[str, dict], consolidation: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, met?) for the figures the project aims at."""
-    out = []
-
-    def ratio(a, b):
-        ra, rb = results.get(a, {}), results.get(b, {})
-        if "step_s" in ra and "step_s" in rb:
-            return ra["step_s"] / rb["step_s"]
-        return None
-
-    for eng, peer, limit in (
-        ("hf_zero2", "deepspeed2", 1.00),
-        ("hf_zero2", "ddp", 1.05),
-        ("hf_zero2", "ddp_fused", 1.05),
-        ("hf_zero2", "single", 1.15),
-        ("hf_zero2", "single_fused", 1.15),
-        ("hf_zero3", "deepspeed3", 1.00),
-        ("hf_zero3", "fsdp2", 1.00),
-    ):
-        r = ratio(eng, peer)
-        what = f"{eng} step time ≤ {limit:.2f}× {peer}"
-        out.append(
-            (what, "–" if r is None else f"{r:.3f}×", "n/a" if r is None else _yes(r <= limit))
-        )
-    for e in ("hf_zero0", "hf_zero1", "hf_zero2", "hf_zero3"):
-        over = results.get(e, {}).get("hf_zero_over_formula")
-        if over is not None:
-            out.append(
-                (
-                    f"{e} model-state bytes = formula ±0.5%",
-                    f"{over:.4f}×",
-                    _yes(abs(over - 1) <= FORMULA_RTOL),
-                )
-            )
-    h3 = results.get("hf_zero3", {})
-    for peer in ("fsdp2", "deepspeed3"):
-        p = results.get(peer, {})
-        if "peak_rss_bytes" in h3 and "peak_rss_bytes" in p:
-            a, b = max(h3["peak_rss_bytes"]), max(p["peak_rss_bytes"])
-            out.append((f"hf_zero3 peak RSS ≤ {peer}", f"{_mb(a)} vs {_mb(b)} MB", _yes(a <= b)))
-    h, d = consolidation.get("hf_zero", {}), consolidation.get("deepspeed", {})
-    if "peak_rss_bytes" in h and "peak_rss_bytes" in d:
-        r = h["peak_rss_bytes"] / d["peak_rss_bytes"]
-        out.append(("consolidate peak RSS ≤ 0.5× zero_to_fp32", f"{r:.2f}×", _yes(r <= 0.5)))
-        t = h["process_s"] / d["process_s"]
-        out.append(("consolidate wall time ≤ zero_to_fp32", f"{t:.2f}×", _yes(t <= 1.0)))
-    return out
-
-
-def _yes(ok: bool) -> str:
-    return "met" if ok else "missed"
-
-
 def machine() -> dict:
     import torch
 
@@ -460,146 +348,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def plots(report: dict, out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    main = {e: r for e, r in report["main"].items() if "step_s" in r}
-    names = list(main)
-
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    vals = [main[e]["vs_ddp"] or 0 for e in names]
-    colors = ["tab:orange" if e.startswith("hf_zero") else "tab:gray" for e in names]
-    ax.barh(names, vals, color=colors)
-    ax.axvline(1.0, color="k", lw=1)
-    ax.invert_yaxis()
-    ax.set_xlabel("step time / DDP step time")
-    ax.set_title(f"{report['config']['model']}, {report['config']['world_size']} ranks")
-    for i, v in enumerate(vals):
-        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    made.append(_save(fig, out_dir / "step_time_ratio.png"))
-
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(names, [max(main[e]["state_bytes"]) / MB for e in names], color=colors)
-    ax.scatter(
-        [main[e]["formula_bytes"] / MB for e in names],
-        names,
-        marker="|",
-        s=400,
-        color="k",
-        label="ZeRO formula",
-        zorder=3,
-    )
-    ax.invert_yaxis()
-    ax.set_xlabel("model-state bytes per rank (MB)")
-    ax.legend(loc="lower right")
-    made.append(_save(fig, out_dir / "memory_per_rank.png"))
-
-    sweep = [r for r in report["model_sweep"] if "step_s" in r]
-    if sweep:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for e in dict.fromkeys(r["engine"] for r in sweep):
-            pts = sorted((r["numel"], r) for r in sweep if r["engine"] == e)
-            xs = [p / 1e6 for p, _ in pts]
-            a1.plot(xs, [r["step_s"] for _, r in pts], marker="o", label=e)
-            a2.plot(xs, [max(r["state_bytes"]) / MB for _, r in pts], marker="o", label=e)
-        a1.set(xlabel="parameters (M)", ylabel="s / step", title="step time vs model size")
-        a2.set(xlabel="parameters (M)", ylabel="MB per rank", title="model states vs model size")
-        a1.legend(fontsize=7)
-        made.append(_save(fig, out_dir / "scaling_model_size.png"))
-
-    sweep = [r for r in report["world_size_sweep"] if "step_s" in r]
-    if sweep:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for e in dict.fromkeys(r["engine"] for r in sweep):
-            pts = sorted((r["world_size"], r) for r in sweep if r["engine"] == e)
-            line = ax.plot(
-                [n for n, _ in pts], [max(r["state_bytes"]) / MB for _, r in pts], "o-", label=e
-            )[0]
-            ax.plot(
-                [n for n, _ in pts],
-                [r["formula_bytes"] / MB for _, r in pts],
-                "--",
-                color=line.get_color(),
-                lw=1,
-            )
-        ax.set_xticks(sorted({r["world_size"] for r in sweep}))
-        ax.set(
-            xlabel="ranks (N)",
-            ylabel="model-state MB per rank",
-            title=f"{report['config']['model']}: measured (solid), formula (dashed)",
-        )
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out_dir / "scaling_world_size.png"))
-    return made
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path.name
-
-
-def markdown(report: dict) -> str:
-    c = report["config"]
-    lines = [
-        f"# hf_zero benchmark: {c['model']} ({report['main_numel'] / 1e6:.1f}M parameters), "
-        f"{c['world_size']} ranks on {c['device']}",
-        "",
-        f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs, "
-        f"torch {report['machine']['torch']}"
-        + (f", GPU {report['machine']['gpu']}" if "gpu" in report["machine"] else "")
-        + (
-            f", DeepSpeed {report['machine']['deepspeed']}"
-            if "deepspeed" in report["machine"]
-            else ""
-        ),
-        f"Batch {c['batch']} per rank, sequence {c['seq']}, fp32 AdamW, {c['warmup']} warm-up + "
-        f"{c['steps']} measured steps; s/step is the median over steps of the slowest rank. "
-        "Every engine gets the same `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`; the AdamW "
-        "kernel column says which implementation stepped it: torch's default (a for-loop on "
-        "CPU), or the fused kernel, which the `_fused` rows ask for and hf_zero picks for its "
-        "flat shards when the optimizer leaves the choice to torch.",
-        "",
-        main_table(report["main"]),
-    ]
-    if report["targets"]:
-        lines += ["| target | measured | |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {ok} |" for t, m, ok in report["targets"]]
-        lines.append("")
-    if report["consolidation"]:
-        lines += [
-            "Consolidation of the ZeRO-3 checkpoints to fp32 safetensors (fresh process each):",
-            "",
-            "| tool | call (s) | process (s) | peak RSS (MB) | imports alone (MB) | output (MB) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for tool, r in report["consolidation"].items():
-            if "error" in r:
-                lines.append(f"| {tool} | FAILED | | | | |")
-                continue
-            lines.append(
-                f"| {tool} | {r['consolidate_s']:.2f} | {r['process_s']:.2f} "
-                f"| {_mb(r['peak_rss_bytes'])} | {_mb(r['import_only_peak_rss_bytes'])} "
-                f"| {_mb(r['export_bytes'])} |"
-            )
-        lines.append("")
-    if report["model_sweep"]:
-        lines += ["Scaling with model size:", "", sweep_table(report["model_sweep"], "model")]
-    if report["world_size_sweep"]:
-        lines += ["Memory with N:", "", sweep_table(report["world_size_sweep"], "N")]
-    if report["problems"]:
-        lines += ["**Correctness problems:**", ""] + [f"- {p}" for p in report["problems"]]
-    return "\n".join(lines) + "\n"
 
 
 def progress(msg: str) -> None:

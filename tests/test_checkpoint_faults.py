@@ -21,7 +21,11 @@ import torch
 
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
-from tests.helpers.checkpoint_faults import disk_error_during_save, sigkill_during_save
+from tests.helpers.checkpoint_faults import (
+    corrupted_file_on_load,
+    disk_error_during_save,
+    sigkill_during_save,
+)
 from tests.parity_cases import make_model, param_groups
 
 IDS = torch.arange(16).reshape(2, 8) % 97
@@ -253,3 +257,25 @@ def test_disk_error_during_save_fails_every_rank_and_keeps_the_previous_checkpoi
     # The save after the failure is the latest; without it, the one before the failed save.
     assert record.extra["latest"] == ["checkpoint-3", "checkpoint-1"]
     assert record.checkpoint_intact is True
+
+
+# ---- a bad file on one rank, at load -----------------------------------------------------------
+
+
+def test_bad_file_on_one_rank_fails_every_rank_before_any_engine_changes():
+    """Rank 2 of 3 reads a damaged file; ranks 0-1 read only good ones. The ranks agree on the
+    checks before copying, so every rank raises CheckpointError naming the file (ranks 0-1
+    saying it failed on another rank) and every engine is exactly as it was."""
+    records = corrupted_file_on_load(stage=3, world_size=3)
+    assert [r.fault for r in records] == [
+        "corrupted file on load: truncated",
+        "corrupted file on load: flipped byte",
+        "corrupted file on load: missing rank file",
+    ]
+    for record in records:
+        assert not record.problems, (record.fault, record.problems, record.run_error)
+        assert [o.error_type for o in record.ranks] == ["CheckpointError"] * 3
+        assert all(o.detail["unchanged"] for o in record.ranks)
+        for o in record.ranks[:2]:
+            assert "failed on another rank, this rank's engine is left as it was" in o.message
+            assert "rank 2: CheckpointError: " in o.message, o.message

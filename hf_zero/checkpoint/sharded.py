@@ -25,6 +25,8 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -386,12 +388,56 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
     Phases:
       1. Read and check: the manifest, every file this rank will read (size, sha256, header,
          metadata), every tensor's dtype and shape, the optimizer state it lists, buffers,
-         hyperparameters, loss scaler and RNG states. A bad checkpoint raises here and leaves
-         the engine exactly as it was.
-      2. Copy into the engine: masters, optimizer state, hyperparameters, buffers, counters,
+         hyperparameters, loss scaler and RNG states.
+      2. Agree: one small collective tells every rank whether any rank's check failed. If one
+         did, every rank raises (the failing rank its own error, the others a CheckpointError
+         naming it) and every engine is exactly as it was.
+      3. Copy into the engine: masters, optimizer state, hyperparameters, buffers, counters,
          RNG states.
+
+    Raises:
+        CheckpointError: the checkpoint failed a check on this rank or on another one.
     """
     ckpt = Path(path)
+    error, checked = None, None
+    try:
+        checked = _check_for_load(engine, ckpt)
+    except Exception as e:  # reported to every rank below, then raised
+        error = e
+    reports = comm.all_gather_object(
+        None if error is None else f"{type(error).__name__}: {error}",
+        group=engine.group,
+        label="load_checkpoint",
+    )
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+        raise CheckpointError(
+            f"loading checkpoint {ckpt} failed on another rank, this rank's engine is left as "
+            f"it was: {detail}"
+        )
+    _apply_loaded(engine, checked)
+    comm.barrier(group=engine.group, label="load_checkpoint")
+    return checked.manifest
+
+
+@dataclass
+class _Checked:
+    """What phase 1 of a load found and checked: everything phase 3 copies into the engine."""
+
+    manifest: dict
+    seen_by_engine: dict  # the manifest as the engine takes it (see _check_loss_scaler)
+    masters_from: dict  # flat index -> [(read, slice handle)]
+    states_from: dict  # flat index -> {state key: 0-dim tensor | [(read, slice handle)]}
+    buffers: list  # [(model buffer, saved value)]
+    restore_rng: Callable[[], None] | None
+    files: _Files  # the open files the slice handles read from
+
+
+def _check_for_load(engine: ZeroEngine, ckpt: Path) -> _Checked:
+    """Phase 1 of `load_checkpoint`: read and check, changing nothing."""
     manifest = read_manifest(ckpt)
     where = str(ckpt)
     _check_same_model(engine, manifest, where)
@@ -454,8 +500,15 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
         if shard_file("rng", engine.rank, manifest["world_size"]) in manifest["files"]:
             rng = files.get("rng", engine.rank)
             restore_rng = read_rng(rng, files.path("rng", engine.rank))
+    return _Checked(
+        manifest, seen_by_engine, masters_from, states_from, buffers, restore_rng, files
+    )
 
-    # Phase 2: nothing below can fail on the checkpoint's account.
+
+def _apply_loaded(engine: ZeroEngine, checked: _Checked) -> None:
+    """Phase 3 of `load_checkpoint`: nothing here can fail on the checkpoint's account."""
+    opt, manifest = engine.optimizer, checked.manifest
+    masters_from, states_from = checked.masters_from, checked.states_from
     for fu in engine.layout.flat_units:
         master = engine.sharded_optimizer.masters[fu.index]
         master.zero_()
@@ -484,13 +537,11 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
         for k, v in saved.items():
             if _restored(g, k):
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
-    for buf, value in buffers:
+    for buf, value in checked.buffers:
         buf.copy_(value)
-    engine.load_state_after_checkpoint(seen_by_engine)
-    if restore_rng is not None:
-        restore_rng()
-    comm.barrier(group=engine.group, label="load_checkpoint")
-    return manifest
+    engine.load_state_after_checkpoint(checked.seen_by_engine)
+    if checked.restore_rng is not None:
+        checked.restore_rng()
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
