@@ -203,16 +203,7 @@ def reduce_scatter(
     `output` is either a separate tensor or exactly this rank's own slice of `input` (in place:
     on gloo no copy is made at all; on NCCL the result lands in a separate tensor first and is
     copied into the slice, so NCCL never sees aliased buffers)."""
-    n = output.numel()
-    if input.numel() != n * group.world_size:
-        raise ValueError(
-            f"reduce_scatter input has {input.numel()} elements, expected {group.world_size} x {n}"
-        )
-    lo = group.rank * n
-    own = input[lo : lo + n]
-    in_place = output.data_ptr() == own.data_ptr() and output.numel() == own.numel()
-    if not in_place and _overlaps(output, input):
-        raise ValueError("reduce_scatter output must be separate from input or its own slice")
+    own, in_place = _own_slice(input, output, group, "reduce_scatter", "input", "output")
 
     def take_slice() -> None:
         if not in_place:
@@ -254,16 +245,8 @@ def all_gather(
     broadcast is a copy, so the result is exact, and each rank sends only its own slice.
     Counted as an all-gather of `output` either way.
     """
+    own, in_place = _own_slice(output, input, group, "all_gather", "output", "input")
     n = input.numel()
-    if output.numel() != n * group.world_size:
-        raise ValueError(
-            f"all_gather output has {output.numel()} elements, expected {group.world_size} x {n}"
-        )
-    lo = group.rank * n
-    own = output[lo : lo + n]
-    in_place = input.data_ptr() == own.data_ptr() and input.numel() == own.numel()
-    if not in_place and _overlaps(input, output):
-        raise ValueError("all_gather input must be separate from output or its own slice")
     if group.group is None:
         stats.add("all_gather", _nbytes(output), "local")
         if not in_place:
@@ -309,6 +292,28 @@ class _Works:
     def wait(self) -> None:
         for w in self.works:
             w.wait()
+
+
+def _own_slice(
+    full: torch.Tensor,
+    part: torch.Tensor,
+    group: ProcessGroupInfo,
+    op: str,
+    full_is: str,
+    part_is: str,
+) -> tuple[torch.Tensor, bool]:
+    """This rank's slice of `full` (world_size x part.numel() elements), and whether `part` is
+    that very slice (in place). Any other overlap between the two is refused."""
+    n = part.numel()
+    if full.numel() != n * group.world_size:
+        raise ValueError(
+            f"{op} {full_is} has {full.numel()} elements, expected {group.world_size} x {n}"
+        )
+    own = full[group.rank * n : (group.rank + 1) * n]
+    in_place = part.data_ptr() == own.data_ptr() and part.numel() == n
+    if not in_place and _overlaps(part, full):
+        raise ValueError(f"{op} {part_is} must be separate from {full_is} or its own slice")
+    return own, in_place
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
