@@ -13,9 +13,9 @@ So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ.
 
 Backend choice: gloo's own reduce-scatter and all-gather are slow (measured here on a 496 MB
 buffer, 2 ranks: reduce-scatter 0.60 s, all-gather 0.63 s, all-reduce 0.34 s, one broadcast per
-rank's slice 0.13 s). So on gloo `reduce_scatter` runs an all-reduce and keeps the owned slice,
-and `all_gather` runs one broadcast per rank. On NCCL they are the true collectives. Either way
-they are counted as the collective they implement; `CommStats.paths` records which ran.
+rank's slice 0.13 s). So on gloo `reduce_scatter` sends each rank the slice it owns (point to
+point), and `all_gather` runs one broadcast per rank. On NCCL they are the true collectives.
+Either way they are counted as the collective they implement; `CommStats.paths` records which ran.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "all_gather",
     "all_reduce",
     "reduce_scatter",
+    "reduce_scatter_scratch_numel",
     "all_reduce_scalar",
     "all_gather_object",
     "barrier",
@@ -196,13 +197,25 @@ def reduce_scatter(
     stats: CommStats,
     async_op: bool = False,
     label: str = "reduce-scatter",
+    tag: int = 0,
+    scratch: torch.Tensor | None = None,
 ) -> Pending:
     """Sum `input` (1D, world_size * output.numel()) across the group; `output` gets this rank's
-    slice. `input` is clobbered (on gloo it holds the full sum afterwards).
+    slice. `input` is clobbered: its other slices are left as they were or hold the sum.
 
     `output` is either a separate tensor or exactly this rank's own slice of `input` (in place:
-    on gloo no copy is made at all; on NCCL the result lands in a separate tensor first and is
-    copied into the slice, so NCCL never sees aliased buffers)."""
+    no copy on gloo; on NCCL the result lands in a separate tensor first and is copied into the
+    slice, so NCCL never sees aliased buffers).
+
+    On gloo each rank sends every other rank the slice that rank owns and receives its own slice
+    from each of them: a separate `output` receives the first itself, the others land in
+    `scratch` (`reduce_scatter_scratch_numel` elements of input's dtype; allocated when None,
+    reusable once the reduction is waited on). The sum is formed when it is waited on.
+    Reductions in flight at once need distinct `tag`s, the same on every rank. Each rank sends
+    (N-1)/N of `input`, half of an all-reduce's traffic: GPT-2 small's 13 gradient buckets at
+    N=2 took 0.17 s against 0.33 s for all-reduces (0.30 s against 0.52 s at N=3), with reused
+    scratch.
+    """
     own, in_place = _own_slice(input, output, group, "reduce_scatter", "input", "output")
 
     def take_slice() -> None:
@@ -222,9 +235,65 @@ def reduce_scatter(
             lambda: dist.reduce_scatter_single(dst, input, group=group.group, async_op=True),
         )
         return _finish(work, label, group, async_op, (lambda: own.copy_(dst)) if in_place else None)
-    stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
-    work = _issue(label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True))
-    return _finish(work, label, group, async_op, take_slice)
+    stats.add("reduce_scatter", _nbytes(input), "send/recv of each rank's slice")
+    n, size, rank = output.numel(), group.world_size, group.rank
+    if size == 1:
+        take_slice()
+        return Pending()
+    # A separate `output` receives the first slice itself; the rest land in `scratch`.
+    want = reduce_scatter_scratch_numel(group, n, in_place=in_place)
+    if scratch is None:
+        scratch = input.new_empty(want)
+    elif scratch.numel() != want or scratch.dtype != input.dtype or _overlaps(scratch, input):
+        raise ValueError(
+            f"reduce_scatter scratch must be {want} elements of {input.dtype}, separate from "
+            f"input; got {scratch.numel()} of {scratch.dtype}"
+        )
+    targets = ([] if in_place else [output]) + (list(scratch.split(n)) if want else [])
+    works, received = [], []
+    for k, target in zip(range(1, size), targets):
+        to, frm = (rank + k) % size, (rank - k) % size
+        works.append(
+            _issue(
+                label,
+                group,
+                lambda to=to: dist.isend(
+                    input[to * n : (to + 1) * n], group=group.group, group_dst=to, tag=tag
+                ),
+            )
+        )
+        works.append(
+            _issue(
+                label,
+                group,
+                lambda frm=frm, target=target: dist.irecv(
+                    target, group=group.group, group_src=frm, tag=tag
+                ),
+            )
+        )
+        received.append(target)
+
+    def add_received() -> None:
+        if in_place:
+            for chunk in received:
+                own.add_(chunk)
+        else:
+            output.add_(own)
+            for chunk in received[1:]:
+                output.add_(chunk)
+
+    return _finish(_Works(works), label, group, async_op, add_received)
+
+
+def reduce_scatter_scratch_numel(
+    group: ProcessGroupInfo, output_numel: int, *, in_place: bool
+) -> int:
+    """How many elements of `scratch` a reduce-scatter into `output_numel` elements takes on
+    this group (0: none): on gloo, one slice per other rank, less the one a separate output
+    receives."""
+    if group.group is None or group.backend == "nccl":
+        return 0
+    return max(0, group.world_size - (1 if in_place else 2)) * output_numel
 
 
 def all_gather(

@@ -171,6 +171,9 @@ class ZeroEngine(nn.Module):
                 tracker=self.tracker,
                 max_inflight=config.max_inflight_reductions,
                 block_on_inflight=stage != 3,
+                keep_shards=(
+                    stage == 2 if config.keep_grad_shards is None else config.keep_grad_shards
+                ),
                 on_unit_grads_done=self.params_store.on_unit_grads_done if stage == 3 else None,
                 **reduce,
             )
@@ -315,7 +318,8 @@ class ZeroEngine(nn.Module):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients this rank holds. At stages 2-3, `set_to_none=True` (torch's
-        default) frees the gradient shards until the next backward creates them; stages 0-1
+        default) empties the gradient shards until the next backward writes them, and frees
+        them unless `config.keep_grad_shards` keeps them (the default at stage 2); stages 0-1
         keep their full flat buffers (param.grad are views into them) and zero them."""
         self.grads.zero(set_to_none)
         self.sharded_optimizer.clear_grads()

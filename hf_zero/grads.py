@@ -276,22 +276,38 @@ class LocalGrads(_GradStore):
             for i, launched in [(i, self._launch(i)) for i in self.flats]:
                 self._finish(i, launched)
         else:
-            pending = []
+            # Two buckets in flight, so what gloo receives into is reused (fresh pages each
+            # step cost more than the reductions' overlap gains).
+            scratch, inflight = _BufferPool(keep=1), deque()
             for fu in _trainable(self.layout):
                 lo, hi = self._owned(fu)
                 flat = self.flats[fu.index]
-                pending.append(
-                    comm.reduce_scatter(
-                        flat[lo:hi],  # in place: the owned slice receives the sum
-                        flat,
-                        group=self.group,
-                        stats=self.stats,
-                        async_op=True,
-                        label=f"gradient reduce-scatter of bucket {fu.index} (optimizer step)",
+                n = comm.reduce_scatter_scratch_numel(self.group, hi - lo, in_place=True)
+                if len(inflight) == 2:
+                    done, buf = inflight.popleft()
+                    done.wait()
+                    if buf is not None:
+                        scratch.give(buf)
+                buf = scratch.take(n, flat.dtype, flat.device) if n else None
+                inflight.append(
+                    (
+                        comm.reduce_scatter(
+                            flat[lo:hi],  # in place: the owned slice receives the sum
+                            flat,
+                            group=self.group,
+                            stats=self.stats,
+                            async_op=True,
+                            label=(
+                                f"gradient reduce-scatter of bucket {fu.index} (optimizer step)"
+                            ),
+                            tag=fu.index,
+                            scratch=buf,
+                        ),
+                        buf,
                     )
                 )
-            for h in pending:
-                h.wait()
+            for done, _ in inflight:
+                done.wait()
         self._unreduced = False
 
     def local(self, fu: FlatUnit) -> torch.Tensor:
@@ -325,16 +341,21 @@ class ShardedGrads(_GradStore):
         tracker: BackwardTracker,
         max_inflight: int,
         block_on_inflight: bool,
+        keep_shards: bool,
         on_unit_grads_done: Callable[[str], None] | None = None,
     ):
-        """`block_on_inflight`: see BucketScheduler (False at stage 3). `on_unit_grads_done`
-        (stage 3) is called when every trainable parameter of a unit has its gradient."""
+        """`block_on_inflight`: see BucketScheduler (False at stage 3). `keep_shards`: see
+        `ZeroConfig.keep_grad_shards`. `on_unit_grads_done` (stage 3) is called when every
+        trainable parameter of a unit has its gradient."""
         self.group, self.stats, self.dtype = group, stats, dtype
         self.max_inflight, self.block_on_inflight = max_inflight, block_on_inflight
-        # 1D, shard_numel each, compute dtype. Created by the first reduction after `zero()`
-        # and freed by `zero(set_to_none=True)`, as torch frees `.grad`: between an optimizer
-        # step and the next backward (forward, where activations peak) no gradient is held.
+        self.keep_shards = keep_shards
+        # 1D, shard_numel each, compute dtype. The first reduction after `zero()` writes the
+        # shard (allocating it if `zero(set_to_none=True)` freed it, as torch frees `.grad`);
+        # later micro-steps add to it. `_written` holds the shards written since `zero()`: a
+        # kept shard outside it holds a stale gradient that nothing reads.
         self.shards: dict[int, torch.Tensor] = {}
+        self._written: set[int] = set()
         self._devices = {fu.index: params[fu.params[0].name].device for fu in _trainable(layout)}
         self._on_unit_grads_done = on_unit_grads_done
         self._unit_expected: dict[str, int] = {}
@@ -347,6 +368,7 @@ class ShardedGrads(_GradStore):
                 )
         self._unit_remaining = dict(self._unit_expected)
         self._buffers = _BufferPool(keep=1)
+        self._scratch = _BufferPool(keep=1)  # what gloo's reduce-scatter receives into
         # Bucket sizes still to launch this pass: a retired buffer is kept only for one of them.
         self._sizes_per_pass = Counter(fu.padded_numel for fu in _trainable(layout))
         self._sizes_to_come = Counter(self._sizes_per_pass)
@@ -386,8 +408,14 @@ class ShardedGrads(_GradStore):
                 p.grad = None  # the full gradient is freed as soon as it is packed
             else:
                 dst.zero_()
+        # The first reduction after `zero()` lands in the shard itself; later micro-steps reduce
+        # in place (this rank's slice of the bucket receives the sum) and add it to the shard.
+        fresh = index not in self._written
+        self._written.add(index)
         lo, hi = fu.shard_range(self.group.rank)
-        out = packed[lo:hi]  # in place: this rank's slice of the bucket receives the sum
+        out = self.shards.setdefault(index, packed.new_empty(hi - lo)) if fresh else packed[lo:hi]
+        n = comm.reduce_scatter_scratch_numel(self.group, out.numel(), in_place=not fresh)
+        scratch = self._scratch.take(n, self.dtype, self._devices[index]) if n else None
         handle = comm.reduce_scatter(
             out,
             packed,
@@ -395,25 +423,28 @@ class ShardedGrads(_GradStore):
             stats=self.stats,
             async_op=True,
             label=f"gradient reduce-scatter of bucket {index} (backward)",
+            tag=index,
+            scratch=scratch,
         )
-        return handle, out, packed
+        return handle, None if fresh else out, packed, scratch
 
     def _finish(self, index: int, launched) -> None:
-        handle, out, packed = launched
+        handle, out, packed, scratch = launched
         handle.wait()
-        shard = self.shards.get(index)
-        if shard is None:
-            self.shards[index] = out.clone()  # out is a view of the reused bucket buffer
-        else:
-            shard.add_(out)
-        # Keep the buffer only for a bucket of its size still to come this pass: GPT-2's last
-        # block bucket would otherwise sit through the embedding backward, where memory peaks.
+        if out is not None:
+            self.shards[index].add_(out)
+        # Keep the buffers only for a bucket of their size still to come this pass: GPT-2's
+        # last block bucket would otherwise sit through the embedding backward, where memory
+        # peaks.
         if self._sizes_to_come[packed.numel()] > 0:
             self._buffers.give(packed)
+            if scratch is not None:
+                self._scratch.give(scratch)
 
     def end_backward(self) -> None:
         self.scheduler.flush()
         self._buffers.clear()
+        self._scratch.clear()
         self._sizes_to_come = Counter(self._sizes_per_pass)
         self._unit_remaining = dict(self._unit_expected)
 
@@ -421,15 +452,22 @@ class ShardedGrads(_GradStore):
         """Nothing left to send: every backward already reduced into the shards."""
 
     def local(self, fu: FlatUnit) -> torch.Tensor:
-        if fu.index not in self.shards:  # no backward since zero(): a zero gradient
-            self.shards[fu.index] = torch.zeros(
-                fu.shard_numel, dtype=self.dtype, device=self._devices[fu.index]
-            )
+        if fu.index not in self._written:  # no backward since zero(): a zero gradient
+            shard = self.shards.get(fu.index)
+            if shard is None:
+                device = self._devices[fu.index]
+                shard = torch.empty(fu.shard_numel, dtype=self.dtype, device=device)
+            self.shards[fu.index] = shard.zero_()
+            self._written.add(fu.index)
         return self.shards[fu.index]
 
     def zero(self, set_to_none: bool = True) -> None:
+        """`set_to_none=True`: the shards are empty until the next backward writes them (and
+        freed unless kept). False: they are zeroed in place and stay written."""
         if set_to_none:
-            self.shards.clear()
+            self._written.clear()
+            if not self.keep_shards:
+                self.shards.clear()
         else:
             for s in self.shards.values():
                 s.zero_()

@@ -1,10 +1,11 @@
 """Tier 2: the collectives of `hf_zero.comm`, on real gloo ranks and at world size 1.
 
-gloo runs reduce-scatter as an all-reduce plus the owned slice, and all-gather as one broadcast
-per rank's slice (comm.py's note). Both are checked for exact results, with the input separate
-from the output and in place (the output being the input's own slice, or the other way round),
-for the bytes they count, and for the implementation they record. Values are small integers, so
-every sum is exact in fp32 and any wrong element shows.
+gloo runs reduce-scatter as point-to-point sends of each rank's slice to its owner, and
+all-gather as one broadcast per rank's slice (comm.py's note). Both are checked for exact
+results, with the input separate from the output and in place (the output being the input's
+own slice, or the other way round), for the bytes they count, and for the implementation they
+record; so are several reduce-scatters in flight at once with the caller's scratch. Values are
+small integers, so every sum is exact in fp32 and any wrong element shows.
 
 Also tier 1: the gradient store's buffer pool (`grads._BufferPool`), with no process group.
 """
@@ -52,7 +53,38 @@ def _collectives_worker(rank: int, world_size: int) -> dict:
     comm.all_gather(gathered, gathered[rank * SHARD : (rank + 1) * SHARD], group=group, stats=stats)
     out["ag_in_place"] = gathered.clone()
 
+    # several reduce-scatters in flight at once (distinct tags), with the caller's scratch, waited
+    # for in the reverse order of launch
+    extra, launched = comm.CommStats(), []
+    for tag, in_place in enumerate([True, False, True]):
+        full = _values(rank, n) * (tag + 1)
+        dst = full[rank * SHARD : (rank + 1) * SHARD] if in_place else torch.empty(SHARD)
+        need = comm.reduce_scatter_scratch_numel(group, SHARD, in_place=in_place)
+        scratch = torch.full((need,), float("nan")) if need else None
+        launched.append(
+            (
+                dst,
+                comm.reduce_scatter(
+                    dst, full, group=group, stats=extra, async_op=True, tag=tag, scratch=scratch
+                ),
+            )
+        )
+    for _, pending in reversed(launched):
+        pending.wait()
+    out["rs_many"] = [dst.clone() for dst, _ in launched]
+
     errors = {}
+    if comm.reduce_scatter_scratch_numel(group, SHARD, in_place=True):
+        try:
+            comm.reduce_scatter(
+                torch.empty(SHARD),
+                _values(rank, n),
+                group=group,
+                stats=comm.CommStats(),
+                scratch=torch.empty(1),
+            )
+        except ValueError as e:
+            errors["rs_scratch"] = str(e)
     base = torch.zeros(n + 1)
     buf, shifted = base[:n], base[1 : SHARD + 1]  # shifted overlaps buf but is no rank's slice
     for name, call in {
@@ -90,6 +122,8 @@ def test_reduce_scatter_and_all_gather_are_exact(world_size):
         want = total[rank * SHARD : (rank + 1) * SHARD]
         assert torch.equal(r["rs_separate"], want), (rank, r["rs_separate"], want)
         assert torch.equal(r["rs_in_place"], want), (rank, r["rs_in_place"], want)
+        for k, got in enumerate(r["rs_many"]):
+            assert torch.equal(got, want * (k + 1)), (rank, k, got, want)
         assert torch.equal(r["ag_separate"], concat), (rank, r["ag_separate"])
         assert torch.equal(r["ag_in_place"], concat), (rank, r["ag_in_place"])
         # The ZeRO paper's accounting: the full buffer of each collective, 4 bytes an element.
@@ -99,10 +133,17 @@ def test_reduce_scatter_and_all_gather_are_exact(world_size):
             assert r["paths"] == {"reduce_scatter": "local", "all_gather": "local"}
         else:
             assert r["paths"] == {
-                "reduce_scatter": "all_reduce+slice",
+                "reduce_scatter": "send/recv of each rank's slice",
                 "all_gather": "broadcast of each rank's slice",
             }
+        scratch_error = {}
+        if world_size > 1 and not local:  # a separate output receives one slice itself
+            scratch_error["rs_scratch"] = (
+                f"reduce_scatter scratch must be {(world_size - 2) * SHARD} elements of "
+                "torch.float32, separate from input; got 1 of torch.float32"
+            )
         assert r["errors"] == {
+            **scratch_error,
             "rs_overlap": "reduce_scatter output must be separate from input or its own slice",
             "ag_overlap": "all_gather input must be separate from output or its own slice",
             "rs_size": f"reduce_scatter input has {n} elements, expected {world_size} x "

@@ -40,6 +40,7 @@ def test_defaults():
     assert cfg.gradient_clipping is None
     assert cfg.prefetch is True
     assert cfg.max_inflight_reductions == 2
+    assert cfg.keep_grad_shards is None  # kept at stage 2, freed at stage 3
     # DESIGN.md §4: fp16 scaler starts at 2^16, grows every 2000 steps, backs off by 0.5.
     assert cfg.initial_loss_scale == 2.0**16
     assert cfg.loss_scale_growth_interval == 2000
@@ -143,6 +144,16 @@ def test_bad_unit_modules(value):
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         ZeroConfig(unit_modules=value)
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", "no"])
+def test_bad_keep_grad_shards(value):
+    expected = (
+        "keep_grad_shards must be true, false or null (kept at stage 2, freed at stage 3), "
+        f"got {value!r}"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        ZeroConfig(keep_grad_shards=value)
 
 
 @pytest.mark.parametrize("value", [0, -1.0, "1.0", True, float("nan")])

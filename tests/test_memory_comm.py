@@ -1,7 +1,8 @@
 """Tier 2: the ZeRO promise, measured. `memory_stats()` on every rank equals DESIGN.md §1's
-formula for each stage and precision (after the step, every model state alive), `zero_grad()`
-frees the gradient shards of stages 2-3, and `comm_stats()` over one optimizer step is 2Ψ elements
-(stages 0-2) or 3Ψ (stage 3), padding aside."""
+formula for each stage and precision (after the step, every model state alive); `zero_grad()`
+frees the gradient shards of stage 3 and keeps stage 2's (either can be switched); and
+`comm_stats()` over one optimizer step is 2Ψ elements (stages 0-2) or 3Ψ (stage 3), padding
+aside."""
 
 from __future__ import annotations
 
@@ -39,46 +40,48 @@ def test_formula_matches_design_table():
 
 def _measure_worker(rank: int, world_size: int) -> list[dict]:
     rows = []
-    for mixed in ("no", "bf16"):
-        for stage in range(4):
-            model = make_model("gpt2")
-            opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
-            engine = hf_zero.initialize(
-                model, opt, config=hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed)
-            )
-            # Step 1 creates the optimizer state; step 2 is the one whose traffic is counted.
-            # Model states are measured where all of them are alive: after the step, before
-            # zero_grad (which frees the gradient shards at stages 2-3).
-            for step in range(2):
-                engine.zero_grad()
-                before = engine.comm_stats()
-                loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
-                engine.backward(loss)
-                engine.step()
-            after = engine.comm_stats()
-            memory = engine.memory_stats()
-            engine.zero_grad(set_to_none=False)
-            kept = engine.memory_stats()["grad_bytes"]
+    # Each stage and precision with its default gradient-shard policy, then the other policy.
+    runs = [(mixed, stage, None) for mixed in ("no", "bf16") for stage in range(4)]
+    runs += [("no", 2, False), ("no", 3, True)]
+    for mixed, stage, keep in runs:
+        model = make_model("gpt2")
+        opt = torch.optim.AdamW(param_groups(model), lr=1e-3)
+        config = hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed, keep_grad_shards=keep)
+        engine = hf_zero.initialize(model, opt, config=config)
+        # Step 1 creates the optimizer state; step 2 is the one whose traffic is counted.
+        # Model states are measured where all of them are alive: after the step, before
+        # zero_grad (which may free the gradient shards at stages 2-3).
+        for step in range(2):
             engine.zero_grad()
-            freed = engine.memory_stats()["grad_bytes"]
-            moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "total"}
-            layout = engine.layout
-            rows.append(
-                {
-                    "stage": stage,
-                    "mixed": mixed,
-                    "rank": rank,
-                    "numel": layout.trainable_numel(),
-                    "padded": sum(f.padded_numel for f in layout.flat_units if f.trainable),
-                    "flats": len(layout.flat_units),
-                    "opt_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
-                    "params": len(engine.sharded_optimizer.trainable_specs()),
-                    "memory": memory,
-                    "grad_bytes_zeroed": kept,
-                    "grad_bytes_set_to_none": freed,
-                    "moved": moved,
-                }
-            )
+            before = engine.comm_stats()
+            loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
+            engine.backward(loss)
+            engine.step()
+        after = engine.comm_stats()
+        memory = engine.memory_stats()
+        engine.zero_grad(set_to_none=False)
+        kept = engine.memory_stats()["grad_bytes"]
+        engine.zero_grad()
+        freed = engine.memory_stats()["grad_bytes"]
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "total"}
+        layout = engine.layout
+        rows.append(
+            {
+                "stage": stage,
+                "mixed": mixed,
+                "keep": stage == 2 if keep is None else keep,
+                "rank": rank,
+                "numel": layout.trainable_numel(),
+                "padded": sum(f.padded_numel for f in layout.flat_units if f.trainable),
+                "flats": len(layout.flat_units),
+                "opt_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
+                "params": len(engine.sharded_optimizer.trainable_specs()),
+                "memory": memory,
+                "grad_bytes_zeroed": kept,
+                "grad_bytes_set_to_none": freed,
+                "moved": moved,
+            }
+        )
     return rows
 
 
@@ -97,9 +100,11 @@ def test_memory_and_communication_match_formula(world_size):
             for key in ("param_bytes", "grad_bytes", "optim_bytes", "total_bytes"):
                 assert want[key] <= got[key] <= want[key] + slack, (key, r, want)
             # zero_grad(set_to_none=False) keeps every gradient buffer; the default frees the
-            # shards of stages 2-3, while stages 0-1 keep their full buffers (grads are views).
+            # shards of stages 2-3 unless they are kept (stage 2's default), while stages 0-1
+            # keep their full buffers (grads are views).
             assert r["grad_bytes_zeroed"] == got["grad_bytes"], r
-            assert r["grad_bytes_set_to_none"] == (0 if stage >= 2 else got["grad_bytes"]), r
+            freed = stage >= 2 and not r["keep"]
+            assert r["grad_bytes_set_to_none"] == (0 if freed else got["grad_bytes"]), r
             padded_bytes = r["padded"] * low
             moved = r["moved"]
             # One small fp32 all-reduce per step: the grad norm's sum of squares and a

@@ -25,13 +25,17 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
 
 
-def _parity_worker(rank: int, world_size: int, kinds: list[str], stages: list[int]) -> list[dict]:
+def _parity_worker(
+    rank: int, world_size: int, kinds: list[str], stages: list[int | dict]
+) -> list[dict]:
+    """`stages`: a stage, or the ZeroConfig fields of a non-default run."""
     rows = []
     for kind in kinds:
         ref_losses, ref_norms, ref_sd = run_reference(kind, STEPS, world_size)
         for stage in stages:
+            fields = stage if isinstance(stage, dict) else {"stage": stage}
             engine, losses, norms = run_engine(
-                kind, STEPS, rank, world_size, hf_zero.ZeroConfig(stage=stage)
+                kind, STEPS, rank, world_size, hf_zero.ZeroConfig(**fields)
             )
             full = engine.full_state_dict()
             row = {
@@ -65,7 +69,9 @@ def test_all_stages_match_single_process_adamw(world_size):
 
 def test_odd_world_size_matches_single_process_adamw():
     # 3 ranks: every flat unit gets padding, and shards split parameters at odd offsets.
-    _check(run_distributed(_parity_worker, 3, ["gpt2"], [1, 2, 3], timeout=600))
+    # Stage 2 freeing its gradient shards and stage 3 keeping them: the non-default choices.
+    flipped = [{"stage": 2, "keep_grad_shards": False}, {"stage": 3, "keep_grad_shards": True}]
+    _check(run_distributed(_parity_worker, 3, ["gpt2"], [1, 2, 3, *flipped], timeout=600))
 
 
 def _ddp_worker(rank: int, world_size: int) -> float:
