@@ -413,8 +413,17 @@ class ShardedGrads(_GradStore):
         fresh = index not in self._written
         self._written.add(index)
         lo, hi = fu.shard_range(self.group.rank)
-        out = self.shards.setdefault(index, packed.new_empty(hi - lo)) if fresh else packed[lo:hi]
-        n = comm.reduce_scatter_scratch_numel(self.group, out.numel(), in_place=not fresh)
+        if not fresh:
+            out = packed[lo:hi]
+        elif index in self.shards:  # kept from an earlier step: overwritten, never zeroed
+            out = self.shards[index]
+        else:
+            out = self.shards[index] = packed.new_empty(hi - lo)
+        # Stage 3 never blocks on a bucket (BucketScheduler), so it polls for completion.
+        polled = not self.block_on_inflight
+        n = comm.reduce_scatter_scratch_numel(
+            self.group, out.numel(), in_place=not fresh, polled=polled
+        )
         scratch = self._scratch.take(n, self.dtype, self._devices[index]) if n else None
         handle = comm.reduce_scatter(
             out,
@@ -425,6 +434,7 @@ class ShardedGrads(_GradStore):
             label=f"gradient reduce-scatter of bucket {index} (backward)",
             tag=index,
             scratch=scratch,
+            polled=polled,
         )
         return handle, None if fresh else out, packed, scratch
 

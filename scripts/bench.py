@@ -365,7 +365,8 @@ def parse_args(argv=None):
     p.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--sizes", help="models for the size sweep (comma-separated; '' for none)")
     p.add_argument("--world-sizes", help="N for the memory sweep (comma-separated; '' for none)")
-    p.add_argument("--sweep-engines", help="engines in the sweeps")
+    p.add_argument("--size-engines", help="engines in the size sweep")
+    p.add_argument("--sweep-engines", help="engines in the world-size sweep")
     p.add_argument("--no-consolidate", action="store_true", help="skip the consolidation part")
     p.add_argument("--quick", action="store_true", help="tiny model, short sweeps: a few minutes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -386,11 +387,17 @@ def parse_args(argv=None):
         args.sweep_engines = (
             "ddp,hf_zero2,hf_zero3" if q else "ddp,fsdp2,hf_zero1,hf_zero2,hf_zero3,deepspeed3"
         )
+    if args.size_engines is None:  # the stage-2 and stage-3 targets' peers, at every size
+        args.size_engines = (
+            args.sweep_engines
+            if q
+            else "ddp,ddp_fused,fsdp2,hf_zero1,hf_zero2,hf_zero3,deepspeed2,deepspeed3"
+        )
     if args.device == "auto":
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("engines", "sweep_engines"):
+    for name in ("engines", "size_engines", "sweep_engines"):
         val = getattr(args, name)
         chosen = ENGINES if val is None else [e for e in val.split(",") if e]
         bad = [e for e in chosen if e not in ENGINES]
@@ -461,7 +468,7 @@ def main(argv=None) -> int:
     if len(args.sizes) > 1:
         progress(f"size sweep: {args.sizes}")
         for m in args.sizes:
-            for e in args.sweep_engines:
+            for e in args.size_engines:
                 if m == args.model and e in main_results:
                     model_sweep.append(main_results[e])
                 else:
@@ -506,7 +513,7 @@ def main(argv=None) -> int:
         "problems": problems,
         "total_s": None,
     }
-    report["targets"] = targets(main_results, consolidation)
+    report["targets"] = targets(main_results, consolidation, model_sweep)
     report["total_s"] = time.perf_counter() - started
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     md = markdown(report)

@@ -73,30 +73,42 @@ def sweep_table(rows: list[dict], key: str) -> str:
     return out
 
 
-def targets(results: dict[str, dict], consolidation: dict) -> list[tuple[str, str, str]]:
-    """(target, measured, met?) for the figures the project aims at."""
+STEP_TARGETS = (
+    ("hf_zero2", "deepspeed2", 1.00),
+    ("hf_zero2", "ddp", 1.05),
+    ("hf_zero2", "ddp_fused", 1.05),
+    ("hf_zero2", "single", 1.15),
+    ("hf_zero2", "single_fused", 1.15),
+    ("hf_zero3", "deepspeed3", 1.00),
+    ("hf_zero3", "fsdp2", 1.00),
+)
+
+
+def _step_targets(results: dict[str, dict], where: str = "", *, all_rows: bool = True) -> list:
     out = []
-
-    def ratio(a, b):
-        ra, rb = results.get(a, {}), results.get(b, {})
-        if "step_s" in ra and "step_s" in rb:
-            return ra["step_s"] / rb["step_s"]
-        return None
-
-    for eng, peer, limit in (
-        ("hf_zero2", "deepspeed2", 1.00),
-        ("hf_zero2", "ddp", 1.05),
-        ("hf_zero2", "ddp_fused", 1.05),
-        ("hf_zero2", "single", 1.15),
-        ("hf_zero2", "single_fused", 1.15),
-        ("hf_zero3", "deepspeed3", 1.00),
-        ("hf_zero3", "fsdp2", 1.00),
-    ):
-        r = ratio(eng, peer)
-        what = f"{eng} step time ≤ {limit:.2f}× {peer}"
+    for eng, peer, limit in STEP_TARGETS:
+        ra, rb = results.get(eng, {}), results.get(peer, {})
+        r = ra["step_s"] / rb["step_s"] if "step_s" in ra and "step_s" in rb else None
+        if r is None and not all_rows:
+            continue
+        what = f"{eng} step time ≤ {limit:.2f}× {peer}{where}"
         out.append(
             (what, "–" if r is None else f"{r:.3f}×", "n/a" if r is None else _yes(r <= limit))
         )
+    return out
+
+
+def targets(
+    results: dict[str, dict], consolidation: dict, model_sweep: list[dict] | None = None
+) -> list[tuple[str, str, str]]:
+    """(target, measured, met?) for the figures the project aims at: the step-time ratios on the
+    main model, then on every other model of the size sweep that ran both engines."""
+    out = _step_targets(results)
+    main_model = next((r["model"] for r in results.values() if "model" in r), None)
+    for m in dict.fromkeys(r["model"] for r in model_sweep or [] if "step_s" in r):
+        if m != main_model:
+            at = {r["engine"]: r for r in model_sweep if r.get("model") == m}
+            out += _step_targets(at, f" ({m})", all_rows=False)
     for e in ("hf_zero0", "hf_zero1", "hf_zero2", "hf_zero3"):
         over = results.get(e, {}).get("hf_zero_over_formula")
         if over is not None:

@@ -141,3 +141,25 @@ def test_bad_arguments_are_refused_by_name():
     )
     assert proc.returncode == 2
     assert "unknown engine(s) ['nope']" in proc.stderr
+
+
+def test_targets_are_judged_on_the_main_model_and_every_swept_size():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def run(engine, model, step_s):
+        return {"engine": engine, "model": model, "step_s": step_s}
+
+    main = {e: run(e, "big", t) for e, t in [("hf_zero2", 1.0), ("ddp", 1.0), ("fsdp2", 2.0)]}
+    sweep = [*main.values(), run("hf_zero2", "small", 1.1), run("ddp", "small", 1.0)]
+    got = {t: (m, ok) for t, m, ok in bench_report.targets(main, {}, sweep)}
+    assert got["hf_zero2 step time ≤ 1.05× ddp"] == ("1.000×", "met")
+    assert got["hf_zero2 step time ≤ 1.05× ddp (small)"] == ("1.100×", "missed")
+    # On the main model every target has a row, n/a when a peer did not run; a swept size only
+    # lists the pairs it ran.
+    assert got["hf_zero2 step time ≤ 1.00× deepspeed2"] == ("–", "n/a")
+    assert not any(t.endswith("(small)") and "deepspeed" in t for t in got)
+    assert got["hf_zero3 step time ≤ 1.00× fsdp2"] == ("–", "n/a")

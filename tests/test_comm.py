@@ -12,6 +12,8 @@ Also tier 1: the gradient store's buffer pool (`grads._BufferPool`), with no pro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -73,6 +75,18 @@ def _collectives_worker(rank: int, world_size: int) -> dict:
         pending.wait()
     out["rs_many"] = [dst.clone() for dst, _ in launched]
 
+    # polled: the caller only asks is_completed(), so that must turn True without a wait()
+    polled_stats, full, dst = comm.CommStats(), _values(rank, n), torch.empty(SHARD)
+    pending = comm.reduce_scatter(
+        dst, full, group=group, stats=polled_stats, async_op=True, polled=True
+    )
+    deadline = time.monotonic() + 60
+    while not pending.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    out["rs_polled_completed"] = pending.is_completed()
+    pending.wait()
+    out["rs_polled"], out["rs_polled_path"] = dst.clone(), polled_stats.paths["reduce_scatter"]
+
     errors = {}
     if comm.reduce_scatter_scratch_numel(group, SHARD, in_place=True):
         try:
@@ -124,6 +138,8 @@ def test_reduce_scatter_and_all_gather_are_exact(world_size):
         assert torch.equal(r["rs_in_place"], want), (rank, r["rs_in_place"], want)
         for k, got in enumerate(r["rs_many"]):
             assert torch.equal(got, want * (k + 1)), (rank, k, got, want)
+        assert r["rs_polled_completed"] and torch.equal(r["rs_polled"], want), r["rs_polled"]
+        assert r["rs_polled_path"] == ("local" if local else "all_reduce+slice")
         assert torch.equal(r["ag_separate"], concat), (rank, r["ag_separate"])
         assert torch.equal(r["ag_in_place"], concat), (rank, r["ag_in_place"])
         # The ZeRO paper's accounting: the full buffer of each collective, 4 bytes an element.

@@ -80,6 +80,7 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
                 "grad_bytes_zeroed": kept,
                 "grad_bytes_set_to_none": freed,
                 "moved": moved,
+                "paths": dict(engine.stats.paths),
             }
         )
     return rows
@@ -124,6 +125,11 @@ def test_memory_and_communication_match_formula(world_size):
                     "all_gather": 2 * padded_bytes,
                     "all_reduce": small,
                 }, r
+            # Which reduce-scatter ran on gloo: point to point where the engine waits on each
+            # bucket (stages 1-2); an all-reduce where it polls (stage 3, comm.py).
+            if stage >= 1 and n > 1:
+                want_path = "all_reduce+slice" if stage == 3 else "send/recv of each rank's slice"
+                assert r["paths"]["reduce_scatter"] == want_path, r
             volume = sum(moved.values()) - small
             elements = volume / low
             expected = (3 if stage == 3 else 2) * r["numel"]
