@@ -246,20 +246,25 @@ def reduce_scatter(
             label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True)
         )
         return _finish(work, label, group, async_op, take_slice)
-    stats.add("reduce_scatter", _nbytes(input), "send/recv of each rank's slice")
     n, size, rank = output.numel(), group.world_size, group.rank
-    if size == 1:
-        take_slice()
-        return Pending()
     # A separate `output` receives the first slice itself; the rest land in `scratch`.
     want = reduce_scatter_scratch_numel(group, n, in_place=in_place)
-    if scratch is None:
-        scratch = input.new_empty(want)
-    elif scratch.numel() != want or scratch.dtype != input.dtype or _overlaps(scratch, input):
+    if scratch is not None and (
+        scratch.numel() != want
+        or scratch.dtype != input.dtype
+        or scratch.device != input.device
+        or _overlaps(scratch, input)
+    ):
         raise ValueError(
             f"reduce_scatter scratch must be {want} elements of {input.dtype}, separate from "
             f"input; got {scratch.numel()} of {scratch.dtype}"
         )
+    stats.add("reduce_scatter", _nbytes(input), "send/recv of each rank's slice")
+    if size == 1:
+        take_slice()
+        return Pending()
+    if scratch is None:
+        scratch = input.new_empty(want)
     targets = ([] if in_place else [output]) + (list(scratch.split(n)) if want else [])
     works, received = [], []
     for k, target in zip(range(1, size), targets):

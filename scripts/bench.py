@@ -235,6 +235,29 @@ def annotate(res: dict, numel: int) -> None:
     res["volume_wire_bytes"] = VOLUME[e] * numel * 4 * (n - 1) / n if VOLUME[e] else 0
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One engine's runs over the rounds: the last run's figures, with `step_s` the median of
+    the rounds' (and each round's in `step_s_rounds`). A failed or skipped run stands for all."""
+    bad = [r for r in runs if "error" in r or "skipped" in r]
+    if bad:
+        return bad[0]
+    merged = dict(runs[-1])
+    if len(runs) > 1:
+        merged["step_s_rounds"] = [r["step_s"] for r in runs]
+        merged["step_s"] = statistics.median(merged["step_s_rounds"])
+    return merged
+
+
+def check_rounds(rounds: dict[str, list[dict]]) -> list[str]:
+    """Training is deterministic: every round of an engine must end at the same loss."""
+    problems = []
+    for e, runs in rounds.items():
+        losses = {r["final_loss"] for r in runs if "final_loss" in r}
+        if len(losses) > 1:
+            problems.append(f"{e}: final loss differs between rounds: {sorted(losses)}")
+    return problems
+
+
 def add_ratios(results: dict[str, dict]) -> None:
     ddp = results.get("ddp", {}).get("step_s")
     for e, res in results.items():
@@ -362,6 +385,12 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="sequence length (default 128, 32 with --quick)")
     p.add_argument("--steps", type=int, help="measured steps (default 5, 3 with --quick)")
     p.add_argument("--warmup", type=int, help="unmeasured steps first (default 2, 1 with --quick)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the main engines this many times, round-robin; s/step is the median of rounds",
+    )
     p.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--sizes", help="models for the size sweep (comma-separated; '' for none)")
     p.add_argument("--world-sizes", help="N for the memory sweep (comma-separated; '' for none)")
@@ -416,6 +445,8 @@ def parse_args(argv=None):
         p.error("world sizes must be >= 1")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda":
         import torch
 
@@ -448,12 +479,17 @@ def main(argv=None) -> int:
 
     progress(f"main: {args.model}, {args.world_size} ranks, {args.device}")
     save_dir = None if args.no_consolidate else work / "checkpoints"
-    main_results = {
-        e: one(e, args.model, args.world_size, save_dir=str(save_dir) if save_dir else None)
-        for e in args.engines
-    }
+    rounds: dict[str, list[dict]] = {e: [] for e in args.engines}
+    for k in range(args.rounds):
+        if args.rounds > 1:
+            progress(f"round {k + 1} of {args.rounds}")
+        last = k == args.rounds - 1  # checkpoints for the consolidation part: once
+        for e in args.engines:
+            where = str(save_dir) if save_dir and last else None
+            rounds[e].append(one(e, args.model, args.world_size, save_dir=where))
+    main_results = {e: merge_rounds(rs) for e, rs in rounds.items()}
     add_ratios(main_results)
-    problems = check_losses(main_results)
+    problems = check_losses(main_results) + check_rounds(rounds)
 
     consolidation = {}
     if save_dir is not None:
@@ -502,6 +538,7 @@ def main(argv=None) -> int:
             "seq": args.seq,
             "steps": args.steps,
             "warmup": args.warmup,
+            "rounds": args.rounds,
             "device": args.device,
         },
         "main_numel": numel_of[args.model],

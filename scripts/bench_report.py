@@ -46,8 +46,11 @@ def main_table(results: dict[str, dict]) -> str:
             state_s = f"{_mb(state)} (memory_stats {_mb(max(r['hf_zero_state_bytes']))})"
         else:
             state_s = _mb(state)
+        step = f"{r['step_s']:.3f}"
+        if len(r.get("step_s_rounds", [])) > 1:
+            step += f" ({min(r['step_s_rounds']):.3f}–{max(r['step_s_rounds']):.3f})"
         rows.append(
-            f"| {e} | {r.get('optimizer_kernel') or '–'} | {r['step_s']:.3f} | {vs_ddp} | {peer} "
+            f"| {e} | {r.get('optimizer_kernel') or '–'} | {step} | {vs_ddp} | {peer} "
             f"| {state_s} "
             f"| {_mb(r['formula_bytes'])} | {r['state_over_formula']:.3f} "
             f"| {_mb(max(r['peak_rss_bytes']))} | {sent_s} | {_mb(r['volume_wire_bytes'])} "
@@ -240,8 +243,13 @@ def markdown(report: dict) -> str:
             else ""
         ),
         f"Batch {c['batch']} per rank, sequence {c['seq']}, fp32 AdamW, {c['warmup']} warm-up + "
-        f"{c['steps']} measured steps; s/step is the median over steps of the slowest rank. "
-        "Every engine gets the same `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`; the AdamW "
+        f"{c['steps']} measured steps; s/step is the median over steps of the slowest rank"
+        + (
+            f", then the median of {c['rounds']} rounds run round-robin (range in brackets). "
+            if c.get("rounds", 1) > 1
+            else ". "
+        )
+        + "Every engine gets the same `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`; the AdamW "
         "kernel column says which implementation stepped it: torch's default (a for-loop on "
         "CPU), or the fused kernel, which the `_fused` rows ask for and hf_zero picks for its "
         "flat shards when the optimizer leaves the choice to torch.",
