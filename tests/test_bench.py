@@ -143,12 +143,32 @@ def test_bad_arguments_are_refused_by_name():
     assert "unknown engine(s) ['nope']" in proc.stderr
 
 
-def test_targets_are_judged_on_the_main_model_and_every_swept_size():
+def _scripts_module(name):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import bench_report
+        return __import__(name)
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_rounds_merge_to_the_median_and_must_agree_on_the_loss():
+    bench = _scripts_module("bench")
+    runs = [{"step_s": t, "final_loss": 1.5, "peak": k} for k, t in enumerate([3.0, 1.0, 2.0])]
+    merged = bench.merge_rounds(runs)
+    assert merged["step_s"] == 2.0 and merged["step_s_rounds"] == [3.0, 1.0, 2.0]
+    assert merged["peak"] == 2  # the other figures are the last round's
+    assert bench.merge_rounds(runs[:1]) == runs[0]
+    failed = {"engine": "x", "error": "boom"}
+    assert bench.merge_rounds([runs[0], failed]) is failed
+    assert bench.check_rounds({"a": runs}) == []
+    drifted = [{"final_loss": 1.5}, {"final_loss": 1.25}]
+    assert bench.check_rounds({"a": drifted}) == [
+        "a: final loss differs between rounds: [1.25, 1.5]"
+    ]
+
+
+def test_targets_are_judged_on_the_main_model_and_every_swept_size():
+    bench_report = _scripts_module("bench_report")
 
     def run(engine, model, step_s):
         return {"engine": engine, "model": model, "step_s": step_s}
@@ -163,3 +183,14 @@ def test_targets_are_judged_on_the_main_model_and_every_swept_size():
     assert got["hf_zero2 step time ≤ 1.00× deepspeed2"] == ("–", "n/a")
     assert not any(t.endswith("(small)") and "deepspeed" in t for t in got)
     assert got["hf_zero3 step time ≤ 1.00× fsdp2"] == ("–", "n/a")
+
+
+def test_rounds_below_one_are_refused():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "--rounds must be >= 1, got 0" in proc.stderr
