@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from . import comm, fingerprint
+from .checkpoint import sharded
+from .checkpoint.state import Counters, RankState
 from .config import ZeroConfig
 from .discover import discover_params
 from .grads import BackwardTracker, LocalGrads, ShardedGrads
@@ -329,38 +331,47 @@ class ZeroEngine(nn.Module):
     # ---- state -----------------------------------------------------------------------------
 
     def save_checkpoint(self, path, *, tokenizer=None):
-        """Write a sharded checkpoint (DESIGN.md §5): every rank writes its own files, atomically.
+        """Write a sharded checkpoint: every rank writes its own files, atomically.
         Collective. Returns the checkpoint path."""
-        from .checkpoint.sharded import save_checkpoint
-
-        return save_checkpoint(self, path, tokenizer=tokenizer)
+        return sharded.save_checkpoint(self._checkpoint_state(), path, tokenizer=tokenizer)
 
     def load_checkpoint(self, path) -> dict:
         """Load a checkpoint saved at any world size and stage; each rank reads only its byte
         ranges, after checking sizes and checksums. Collective. Returns the manifest."""
-        from .checkpoint.sharded import load_checkpoint
+        return sharded.load_checkpoint(self._checkpoint_state(), path)
 
-        return load_checkpoint(self, path)
+    def _checkpoint_state(self) -> RankState:
+        """What a checkpoint reads from and restores into this rank."""
+        return RankState(
+            layout=self.layout,
+            rank=self.rank,
+            world_size=self.world_size,
+            stage=self.stage,
+            mixed_precision=self.config.mixed_precision,
+            config=self.config.to_dict(),
+            owned={fu.index: self.owned(fu) for fu in self.layout.flat_units},
+            masters=dict(self.sharded_optimizer.masters),
+            optimizer=self.optimizer,
+            module=self.module,
+            param_dtypes=dict(self.param_dtypes),
+            counters=Counters(
+                step=self.global_steps,
+                skipped_steps=self.skipped_steps,
+                loss_scaler=self.scaler.state_dict(),
+            ),
+            dynamic_loss_scale=self.scaler.dynamic,
+            group=self.group,
+            restore=self._restore_after_load,
+        )
 
-    def load_state_after_checkpoint(self, manifest: dict) -> None:
+    def _restore_after_load(self, counters: Counters) -> None:
         """After the masters and optimizer state are loaded: parameters, scaler, counters."""
         self._write_back(list(self.layout.flat_units))
-        self.scaler.load_state_dict(
-            manifest.get("loss_scaler") or {}
-        ) if self.scaler.dynamic else None
-        self.global_steps = int(manifest["step"])
-        self.skipped_steps = int(manifest.get("skipped_steps", 0))
+        if self.scaler.dynamic:
+            self.scaler.load_state_dict(dict(counters.loss_scaler))
+        self.global_steps = counters.step
+        self.skipped_steps = counters.skipped_steps
         self.zero_grad()
-
-    def export_dtype(self, key: str) -> str:
-        """The dtype an HF export writes for state-dict key `key` (the model's own)."""
-        if key in self.param_dtypes:
-            return self.param_dtypes[key]
-        for fu in self.layout.flat_units:
-            for p in fu.params:
-                if key in p.aliases:
-                    return self.param_dtypes[p.name]
-        return str(self.module.state_dict()[key].dtype).removeprefix("torch.")
 
     @torch.no_grad()
     def full_state_dict(self, *, all_ranks: bool = False, dtype: torch.dtype | None = None) -> dict:

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -53,23 +53,13 @@ from .format import (
     verify_file,
 )
 from .rng import read_rng, rng_state
-
-if TYPE_CHECKING:
-    from ..engine import ZeroEngine
+from .state import Counters, RankState
 
 __all__ = ["save_checkpoint", "load_checkpoint", "export_keys", "latest_checkpoint"]
 
 
 def _flat_key(index: int) -> str:
     return f"flat{index:05d}"
-
-
-def _saved_slice(engine: ZeroEngine, fu, tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's saved part [r*S, (r+1)*S) of a flat-shaped tensor the engine holds over its
-    owned range (the whole flat at stage 0, the shard otherwise)."""
-    lo, _ = engine.owned(fu)
-    s_lo, s_hi = fu.shard_range(engine.rank)
-    return tensor[s_lo - lo : s_hi - lo]
 
 
 def export_keys(module: torch.nn.Module) -> tuple[list[str], bool]:
@@ -95,8 +85,8 @@ def export_keys(module: torch.nn.Module) -> tuple[list[str], bool]:
     return list(kept), set(converted) != set(kept)
 
 
-def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
-    rank, ws = engine.rank, engine.world_size
+def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, dict]:
+    rank, ws = state.rank, state.world_size
     header = {
         "format": "pt",
         "hf_zero": json.dumps(
@@ -104,28 +94,28 @@ def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
                 "format_version": FORMAT_VERSION,
                 "rank": rank,
                 "world_size": ws,
-                "layout_slice": layout_slice(engine.layout, rank),
+                "layout_slice": layout_slice(state.layout, rank),
             }
         ),
     }
     params, optim, state_meta = {}, {}, {}
-    opt = engine.optimizer
-    for fu in engine.layout.flat_units:
-        master = engine.sharded_optimizer.masters[fu.index]
-        params[_flat_key(fu.index)] = _saved_slice(engine, fu, master).detach()
+    opt = state.optimizer
+    for fu in state.layout.flat_units:
+        master = state.masters[fu.index]
+        params[_flat_key(fu.index)] = state.saved_slice(fu, master).detach()
         for key, value in opt.state.get(master, {}).items():
             name = f"{_flat_key(fu.index)}.{key}"
             if isinstance(value, torch.Tensor) and value.shape == master.shape:
-                optim[name] = _saved_slice(engine, fu, value).detach()
+                optim[name] = state.saved_slice(fu, value).detach()
             elif isinstance(value, torch.Tensor):
                 optim[name] = value.detach().clone()
             else:
                 state_meta[name] = value
     if rank == 0:
         param_names = {
-            n for fu in engine.layout.flat_units for p in fu.params for n in (p.name, *p.aliases)
+            n for fu in state.layout.flat_units for p in fu.params for n in (p.name, *p.aliases)
         }
-        for name, buf in engine.module.state_dict().items():
+        for name, buf in state.module.state_dict().items():
             if name not in param_names:
                 params[f"buffer:{name}"] = buf.detach().cpu().contiguous()
     rng, rng_meta = rng_state()
@@ -145,8 +135,8 @@ def _write_rank_files(engine: ZeroEngine, zero_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _manifest(engine: ZeroEngine, files: dict[str, dict]) -> dict:
-    opt = engine.optimizer
+def _manifest(state: RankState, files: dict[str, dict]) -> dict:
+    opt = state.optimizer
     groups = []
     for g in opt.param_groups:
         groups.append(
@@ -157,34 +147,45 @@ def _manifest(engine: ZeroEngine, files: dict[str, dict]) -> dict:
             }
         )
     state_keys = {}
-    for fu in engine.layout.flat_units:
-        st = opt.state.get(engine.sharded_optimizer.masters[fu.index], {})
+    for fu in state.layout.flat_units:
+        st = opt.state.get(state.masters[fu.index], {})
         if st:
             state_keys[_flat_key(fu.index)] = sorted(st)
-    keys, converts = export_keys(engine.module)
+    keys, converts = export_keys(state.module)
     return {
         "format_version": FORMAT_VERSION,
-        "stage": engine.stage,
-        "world_size": engine.world_size,
-        "mixed_precision": engine.config.mixed_precision,
-        "step": engine.global_steps,
-        "skipped_steps": engine.skipped_steps,
-        "config": engine.config.to_dict(),
-        "model_class": type(engine.module).__name__,
-        "layout": layout_to_json(engine.layout, engine.param_dtypes),
+        "stage": state.stage,
+        "world_size": state.world_size,
+        "mixed_precision": state.mixed_precision,
+        "step": state.counters.step,
+        "skipped_steps": state.counters.skipped_steps,
+        "config": dict(state.config),
+        "model_class": type(state.module).__name__,
+        "layout": layout_to_json(state.layout, state.param_dtypes),
         "optimizer": {
             "class": f"{type(opt).__module__}.{type(opt).__qualname__}",
             "param_groups": groups,
             "state_keys": state_keys,
         },
-        "loss_scaler": engine.scaler.state_dict(),
+        "loss_scaler": dict(state.counters.loss_scaler),
         "hf_export": {
             "keys": keys,
-            "dtypes": {k: engine.export_dtype(k) for k in keys},
+            "dtypes": {k: _export_dtype(state, k) for k in keys},
             "weight_conversion": converts,
         },
         "files": files,
     }
+
+
+def _export_dtype(state: RankState, key: str) -> str:
+    """The dtype an HF export writes for state-dict key `key`: the model's own."""
+    if key in state.param_dtypes:
+        return state.param_dtypes[key]
+    for fu in state.layout.flat_units:
+        for p in fu.params:
+            if key in p.aliases:
+                return state.param_dtypes[p.name]
+    return str(state.module.state_dict()[key].dtype).removeprefix("torch.")
 
 
 def _jsonable(v) -> bool:
@@ -195,42 +196,42 @@ def _jsonable(v) -> bool:
         return False
 
 
-def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=None) -> Path:
+def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write a sharded checkpoint to `path` (collective; atomic). Returns the path."""
     path = Path(path)
     token = comm.all_gather_object(
-        uuid.uuid4().hex[:12], group=engine.group, label="save_checkpoint"
+        uuid.uuid4().hex[:12], group=state.group, label="save_checkpoint"
     )[0]
     tmp = path.parent / f"{path.name}.tmp-{token}"
     error, files = None, {}
     try:
         (tmp / ZERO_DIR).mkdir(parents=True, exist_ok=True)
-        files = _write_rank_files(engine, tmp / ZERO_DIR)
+        files = _write_rank_files(state, tmp / ZERO_DIR)
     except Exception as e:  # reported to every rank below, then raised
         error = f"{type(e).__name__}: {e}"
-    reports = comm.all_gather_object((error, files), group=engine.group, label="save_checkpoint")
+    reports = comm.all_gather_object((error, files), group=state.group, label="save_checkpoint")
     failed = [(r, err) for r, (err, _) in enumerate(reports) if err]
-    if not failed and engine.rank == 0:
+    if not failed and state.rank == 0:
         try:
             all_files = {k: v for _, f in reports for k, v in f.items()}
-            config = getattr(engine.module, "config", None)
+            config = getattr(state.module, "config", None)
             if config is not None and hasattr(config, "save_pretrained"):
                 config.save_pretrained(tmp)
-            gen = getattr(engine.module, "generation_config", None)
+            gen = getattr(state.module, "generation_config", None)
             if gen is not None and hasattr(gen, "save_pretrained"):
                 gen.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            manifest = json.dumps(_manifest(engine, all_files), indent=1)
+            manifest = json.dumps(_manifest(state, all_files), indent=1)
             part = tmp / ZERO_DIR / (MANIFEST + ".part")
             part.write_text(manifest)
             os.replace(part, tmp / ZERO_DIR / MANIFEST)
             swap_into_place(tmp, path, token)
         except Exception as e:
             failed.append((0, f"{type(e).__name__}: {e}"))
-    failed = comm.all_gather_object(failed, group=engine.group, label="save_checkpoint")[0]
+    failed = comm.all_gather_object(failed, group=state.group, label="save_checkpoint")[0]
     if failed:
-        if engine.rank == 0:
+        if state.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         detail = "; ".join(f"rank {r}: {err}" for r, err in failed)
         raise CheckpointError(
@@ -239,10 +240,10 @@ def save_checkpoint(engine: ZeroEngine, path: str | os.PathLike, *, tokenizer=No
     return path
 
 
-def _check_same_model(engine: ZeroEngine, manifest: dict, where: str) -> None:
+def _check_same_model(state: RankState, manifest: dict, where: str) -> None:
     src = manifest["_layout"]
     have = {p.name: tuple(p.shape) for fu in src.flat_units for p in fu.params}
-    want = {p.name: tuple(p.shape) for fu in engine.layout.flat_units for p in fu.params}
+    want = {p.name: tuple(p.shape) for fu in state.layout.flat_units for p in fu.params}
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if missing or extra:
@@ -256,17 +257,17 @@ def _check_same_model(engine: ZeroEngine, manifest: dict, where: str) -> None:
             raise CheckpointError(
                 f"{where} holds another model: {name!r} has shape {have[name]} there, {shape} here"
             )
-    want_cls = f"{type(engine.optimizer).__module__}.{type(engine.optimizer).__qualname__}"
+    want_cls = f"{type(state.optimizer).__module__}.{type(state.optimizer).__qualname__}"
     if manifest["optimizer"].get("class") != want_cls:
         raise CheckpointError(
             f"{where} was saved with optimizer {manifest['optimizer'].get('class')}, "
             f"this engine uses {want_cls}"
         )
     saved_groups = manifest["optimizer"].get("param_groups", [])
-    if len(saved_groups) != len(engine.optimizer.param_groups):
+    if len(saved_groups) != len(state.optimizer.param_groups):
         raise CheckpointError(
             f"{where} has {len(saved_groups)} optimizer param groups, "
-            f"this optimizer has {len(engine.optimizer.param_groups)}"
+            f"this optimizer has {len(state.optimizer.param_groups)}"
         )
 
 
@@ -359,15 +360,15 @@ def _check_param_groups(opt: torch.optim.Optimizer, saved_groups: list, where: s
                 )
 
 
-def _check_loss_scaler(engine: ZeroEngine, manifest: dict, where: str) -> dict:
+def _check_loss_scaler(state: RankState, manifest: dict, where: str) -> dict:
     """The manifest as the engine should see it: a dynamic loss scaler's saved state checked,
     or, when the checkpoint was saved without one, the engine's own state kept."""
-    if not engine.scaler.dynamic:
+    if not state.dynamic_loss_scale:
         return manifest
-    state = manifest.get("loss_scaler") or {}
-    if not state:
-        return {**manifest, "loss_scaler": engine.scaler.state_dict()}
-    scale, good = state.get("scale"), state.get("good_steps")
+    saved = manifest.get("loss_scaler") or {}
+    if not saved:
+        return {**manifest, "loss_scaler": dict(state.counters.loss_scaler)}
+    scale, good = saved.get("scale"), saved.get("good_steps")
     if not (
         isinstance(scale, int | float)
         and not isinstance(scale, bool)
@@ -376,12 +377,12 @@ def _check_loss_scaler(engine: ZeroEngine, manifest: dict, where: str) -> dict:
         and type(good) is int
         and good >= 0
     ):
-        raise CheckpointError(f"{where}: bad loss_scaler state {_show(state)}")
+        raise CheckpointError(f"{where}: bad loss_scaler state {_show(saved)}")
     return manifest
 
 
 @torch.no_grad()
-def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
+def load_checkpoint(state: RankState, path: str | os.PathLike) -> dict:
     """Load `path` into `engine` (collective), resharding when world size or stage differ.
     Returns the manifest.
 
@@ -401,12 +402,12 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
     ckpt = Path(path)
     error, checked = None, None
     try:
-        checked = _check_for_load(engine, ckpt)
+        checked = _check_for_load(state, ckpt)
     except Exception as e:  # reported to every rank below, then raised
         error = e
     reports = comm.all_gather_object(
         None if error is None else f"{type(error).__name__}: {error}",
-        group=engine.group,
+        group=state.group,
         label="load_checkpoint",
     )
     if error is not None:
@@ -418,14 +419,14 @@ def load_checkpoint(engine: ZeroEngine, path: str | os.PathLike) -> dict:
             f"loading checkpoint {ckpt} failed on another rank, this rank's engine is left as "
             f"it was: {detail}"
         )
-    _apply_loaded(engine, checked)
-    comm.barrier(group=engine.group, label="load_checkpoint")
+    _apply_loaded(state, checked)
+    comm.barrier(group=state.group, label="load_checkpoint")
     return checked.manifest
 
 
 @dataclass
 class _Checked:
-    """What phase 1 of a load found and checked: everything phase 3 copies into the engine."""
+    """What phase 1 of a load found and checked: everything phase 3 copies into the state."""
 
     manifest: dict
     seen_by_engine: dict  # the manifest as the engine takes it (see _check_loss_scaler)
@@ -436,16 +437,18 @@ class _Checked:
     files: _Files  # the open files the slice handles read from
 
 
-def _check_for_load(engine: ZeroEngine, ckpt: Path) -> _Checked:
+def _check_for_load(state: RankState, ckpt: Path) -> _Checked:
     """Phase 1 of `load_checkpoint`: read and check, changing nothing."""
     manifest = read_manifest(ckpt)
     where = str(ckpt)
-    _check_same_model(engine, manifest, where)
+    _check_same_model(state, manifest, where)
     src = manifest["_layout"]
     files = _Files(ckpt, manifest)
     state_keys = manifest["optimizer"].get("state_keys", {})
-    opt = engine.optimizer
-    plans = {fu.index: plan_reads(src, fu, *engine.owned(fu)) for fu in engine.layout.flat_units}
+    opt = state.optimizer
+    plans = {
+        fu.index: plan_reads(src, fu, *state.owned[fu.index]) for fu in state.layout.flat_units
+    }
     ranks = sorted({0} | {rd.src_rank for reads in plans.values() for rd in reads})
     for r in ranks:
         files.get("params", r)
@@ -458,13 +461,13 @@ def _check_for_load(engine: ZeroEngine, ckpt: Path) -> _Checked:
     # Phase 1: per flat unit, (read, slice handle) pairs for the masters and each state key; a
     # 0-dim state tensor is read whole.
     masters_from, states_from = {}, {}
-    for fu in engine.layout.flat_units:
+    for fu in state.layout.flat_units:
         reads = plans[fu.index]
         masters_from[fu.index] = [(rd, flat("params", rd, _flat_key(rd.src_flat))) for rd in reads]
         if not fu.trainable:
             continue
         keys = state_keys.get(_flat_key(reads[0].src_flat), []) if reads else []
-        state = {}
+        flat_state = {}
         for key in keys:
             first, probe = reads[0].src_rank, f"{_flat_key(reads[0].src_flat)}.{key}"
             if probe in files.keys("optim", first):
@@ -475,16 +478,16 @@ def _check_for_load(engine: ZeroEngine, ckpt: Path) -> _Checked:
                             f"{files.path('optim', first)}: tensor {probe!r} is "
                             f"{sl.get_dtype()}, not a number"
                         )
-                    state[key] = files.get("optim", first).get_tensor(probe)
+                    flat_state[key] = files.get("optim", first).get_tensor(probe)
                     continue
-            state[key] = [
+            flat_state[key] = [
                 (rd, flat("optim", rd, f"{_flat_key(rd.src_flat)}.{key}")) for rd in reads
             ]
-        states_from[fu.index] = state
+        states_from[fu.index] = flat_state
     _check_param_groups(opt, manifest["optimizer"].get("param_groups", []), where)
     buffers = []  # small and saved once, by rank 0
     params0 = files.get("params", 0)
-    for name, buf in engine.module.named_buffers():
+    for name, buf in state.module.named_buffers():
         key = f"buffer:{name}"
         if key in files.keys("params", 0):
             value = params0.get_tensor(key)
@@ -494,23 +497,23 @@ def _check_for_load(engine: ZeroEngine, ckpt: Path) -> _Checked:
                     f"{list(value.shape)}, the model's is {buf.dtype} {list(buf.shape)}"
                 )
             buffers.append((buf, value))
-    seen_by_engine = _check_loss_scaler(engine, manifest, where)
+    seen_by_engine = _check_loss_scaler(state, manifest, where)
     restore_rng = None
-    if manifest["world_size"] == engine.world_size:  # per-rank streams only mean the same then
-        if shard_file("rng", engine.rank, manifest["world_size"]) in manifest["files"]:
-            rng = files.get("rng", engine.rank)
-            restore_rng = read_rng(rng, files.path("rng", engine.rank))
+    if manifest["world_size"] == state.world_size:  # per-rank streams only mean the same then
+        if shard_file("rng", state.rank, manifest["world_size"]) in manifest["files"]:
+            rng = files.get("rng", state.rank)
+            restore_rng = read_rng(rng, files.path("rng", state.rank))
     return _Checked(
         manifest, seen_by_engine, masters_from, states_from, buffers, restore_rng, files
     )
 
 
-def _apply_loaded(engine: ZeroEngine, checked: _Checked) -> None:
+def _apply_loaded(state: RankState, checked: _Checked) -> None:
     """Phase 3 of `load_checkpoint`: nothing here can fail on the checkpoint's account."""
-    opt, manifest = engine.optimizer, checked.manifest
+    opt, manifest = state.optimizer, checked.manifest
     masters_from, states_from = checked.masters_from, checked.states_from
-    for fu in engine.layout.flat_units:
-        master = engine.sharded_optimizer.masters[fu.index]
+    for fu in state.layout.flat_units:
+        master = state.masters[fu.index]
         master.zero_()
         for rd, sl in masters_from[fu.index]:
             master[rd.dst_start : rd.dst_start + rd.length].copy_(
@@ -518,19 +521,19 @@ def _apply_loaded(engine: ZeroEngine, checked: _Checked) -> None:
             )
         if not fu.trainable:
             continue
-        state = {}
+        flat_state = {}
         for key, source in states_from[fu.index].items():
             if isinstance(source, torch.Tensor):
-                state[key] = source.to(master.device)
+                flat_state[key] = source.to(master.device)
                 continue
             value = torch.zeros_like(master)
             for rd, sl in source:
                 value[rd.dst_start : rd.dst_start + rd.length].copy_(
                     sl[rd.src_start : rd.src_start + rd.length]
                 )
-            state[key] = value
-        if state:
-            opt.state[master] = state
+            flat_state[key] = value
+        if flat_state:
+            opt.state[master] = flat_state
         else:
             opt.state.pop(master, None)
     for g, saved in zip(opt.param_groups, manifest["optimizer"].get("param_groups", [])):
@@ -539,7 +542,14 @@ def _apply_loaded(engine: ZeroEngine, checked: _Checked) -> None:
                 g[k] = tuple(v) if isinstance(g[k], tuple) else v
     for buf, value in checked.buffers:
         buf.copy_(value)
-    engine.load_state_after_checkpoint(checked.seen_by_engine)
+    seen = checked.seen_by_engine
+    state.restore(
+        Counters(
+            step=int(seen["step"]),
+            skipped_steps=int(seen.get("skipped_steps", 0)),
+            loss_scaler=dict(seen.get("loss_scaler") or {}),
+        )
+    )
     if checked.restore_rng is not None:
         checked.restore_rng()
 
