@@ -5,22 +5,28 @@ moves into `stats` and returns a `Pending` that the caller waits on (sync calls 
 already-finished one). World size 1 runs the same functions: with no process group the
 collectives are local copies, and they are still counted, so `comm_stats()` reads the same.
 
-Byte accounting (per rank, the ZeRO paper's convention, DESIGN.md §1):
+Byte accounting (per rank, the ZeRO paper's convention):
 - all_reduce of n elements: 2n (a reduce-scatter plus an all-gather)
 - reduce_scatter of an n-element input: n
 - all_gather into an n-element output: n
 So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ.
 
-Backend choice: gloo's own reduce-scatter and all-gather are slow (measured here on a 496 MB
-buffer, 2 ranks: reduce-scatter 0.60 s, all-gather 0.63 s, all-reduce 0.34 s, one broadcast per
-rank's slice 0.13 s). So on gloo `reduce_scatter` sends each rank the slice it owns (point to
-point), and `all_gather` runs one broadcast per rank. On NCCL they are the true collectives.
-Either way they are counted as the collective they implement; `CommStats.paths` records which ran.
+Backend choice: gloo's own reduce-scatter and all-gather are slower than an all-reduce of the
+same buffer, and a broadcast of each rank's slice is faster than either (README, Performance).
+So on gloo `reduce_scatter` sends each rank the slice it owns (point to point), and `all_gather`
+runs one broadcast per rank. On NCCL they are the true collectives. Either way they are counted
+as the collective they implement; `CommStats.paths` records which ran.
+
+The process group itself: `default_world()` describes it, `init_process_group()` starts it from
+the launcher's environment and `destroy_process_group()` ends it, so that scripts and
+integrations never call torch.distributed.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +34,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "WorldInfo",
+    "default_world",
+    "init_process_group",
+    "destroy_process_group",
     "CommStats",
     "Pending",
     "ProcessGroupInfo",
@@ -42,6 +52,96 @@ __all__ = [
     "new_group_like",
     "CollectiveError",
 ]
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """The default process group as this process sees it."""
+
+    initialized: bool
+    rank: int
+    world_size: int
+    backend: str | None
+    """"gloo", "nccl", ...; None when torch.distributed is not initialised."""
+
+
+def default_world() -> WorldInfo:
+    """The default process group, or `WorldInfo(False, 0, 1, None)` when there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return WorldInfo(False, 0, 1, None)
+    return WorldInfo(True, dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+_BACKENDS = ("gloo", "nccl")
+_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_process_group(backend: str | None = None, *, timeout_s: float | None = None) -> WorldInfo:
+    """Start the default process group from the launcher's environment (env://: RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun and accelerate launch set them).
+
+    Args:
+        backend: "gloo" or "nccl"; default nccl when CUDA is available, else gloo. With nccl,
+            this process's GPU is LOCAL_RANK (set as the current device).
+        timeout_s: how long the rendezvous and the default group's collectives may wait,
+            1 s to 7 days; default torch's.
+
+    Returns:
+        The world it joined. Already initialised (by a launcher or a framework): the world as it
+        is, unchanged.
+
+    Raises:
+        ValueError: an unknown backend, a timeout out of range, the launcher's variables
+            missing, or an initialised world of another backend than the one asked for.
+    """
+    from .config import TIMEOUT_RANGE_S
+
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(_BACKENDS)} or None, got {backend!r}")
+    lo, hi = TIMEOUT_RANGE_S
+    if timeout_s is not None and not (
+        isinstance(timeout_s, int | float)
+        and not isinstance(timeout_s, bool)
+        and math.isfinite(timeout_s)
+        and lo <= timeout_s <= hi
+    ):
+        raise ValueError(
+            f"timeout_s must be a number of seconds from {lo:g} to {hi:g} (7 days) or None, "
+            f"got {timeout_s!r}"
+        )
+    world = default_world()
+    if world.initialized:
+        if backend is not None and world.backend != backend:
+            raise ValueError(
+                f"torch.distributed is already initialised with backend {world.backend!r} "
+                f"(rank {world.rank} of {world.world_size}), not {backend!r}; call "
+                "destroy_process_group() first, or pass backend=None to join it as it is"
+            )
+        return world
+    missing = [k for k in _LAUNCH_ENV if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"init_process_group needs the launcher's environment variables; "
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Start the "
+            "script with torchrun or accelerate launch, or, for one process, do not call it: "
+            "the engine runs as world size 1 without a process group"
+        )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method="env://", **kwargs)
+    return default_world()
+
+
+def destroy_process_group() -> None:
+    """End the default process group and every group made from it; nothing when there is none.
+    (gloo jobs may still abort at interpreter exit afterwards: scripts end with os._exit.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -213,9 +313,7 @@ def reduce_scatter(
     `scratch` (`reduce_scatter_scratch_numel` elements of input's dtype; allocated when None,
     reusable once the reduction is waited on). The sum is formed when it is waited on.
     Reductions in flight at once need distinct `tag`s, the same on every rank. Each rank sends
-    (N-1)/N of `input`, half of an all-reduce's traffic: GPT-2 small's 13 gradient buckets at
-    N=2 took 0.17 s against 0.33 s for all-reduces (0.30 s against 0.52 s at N=3), with reused
-    scratch.
+    (N-1)/N of `input`, half of an all-reduce's traffic.
 
     `polled=True`: the caller retires the reduction when `is_completed()` says so rather than
     by waiting. gloo's point-to-point works report completion only once waited on, so on gloo
@@ -324,11 +422,10 @@ def all_gather(
     """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
 
     `input` is either a separate tensor or exactly this rank's own slice of `output`
-    (in place: no copy of it is made). On gloo, whose all-gather of a 496 MB buffer took 0.63 s
-    at N=2 (1.7 s at N=3) here, each rank broadcasts its slice instead: N broadcasts in flight
-    at once took 0.13 s (0.22 s), against 0.34 s (0.53 s) for an all-reduce of the buffer. A
-    broadcast is a copy, so the result is exact, and each rank sends only its own slice.
-    Counted as an all-gather of `output` either way.
+    (in place: no copy of it is made). On gloo, whose own all-gather is slow, each rank
+    broadcasts its slice instead, N broadcasts in flight at once. A broadcast is a copy, so the
+    result is exact, and each rank sends only its own slice. Counted as an all-gather of
+    `output` either way.
     """
     own, in_place = _own_slice(output, input, group, "all_gather", "output", "input")
     n = input.numel()

@@ -2,13 +2,16 @@
 
 `ZeroConfig` is the one object that says how the engine shards and computes. It validates
 itself on construction, so a bad value fails at `ZeroConfig(...)` or `from_file(...)`, naming the
-field, the value and what is allowed, before any process group or model is touched.
+field, the value and what is allowed, before any process group or model is touched. It is frozen:
+assigning a field raises (it would skip that validation); `dataclasses.replace(config, ...)`
+builds a changed copy, validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +21,16 @@ __all__ = ["ZeroConfig", "MIXED_PRECISION_CHOICES", "STAGES"]
 
 STAGES = (0, 1, 2, 3)
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+TIMEOUT_RANGE_S = (1.0, 7 * 24 * 3600.0)
+"""The collective timeouts accepted, in seconds: from 1 s to 7 days."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, frozen=True)
 class ZeroConfig:
     """How the ZeRO engine partitions model states and computes.
 
-    Stages (DESIGN.md §1): 0 = replicated (DDP semantics), 1 = shard optimizer state and fp32
-    master weights, 2 = also shard gradients, 3 = also shard parameters.
+    Stages: 0 = replicated (DDP semantics), 1 = shard optimizer state and fp32 master weights,
+    2 = also shard gradients, 3 = also shard parameters (`plan.StagePlan` has the details).
     """
 
     stage: int = 2
@@ -61,13 +66,14 @@ class ZeroConfig:
     counts them) stays allocated from one step to the next. `zero_grad()` then marks it empty
     and the next backward writes it without a zeroing pass. False: `zero_grad()` (set_to_none)
     frees it, so forward holds no gradient memory, and every step allocates it afresh; on
-    GPT-2 small at N=2 the fresh pages cost 0.25 s a step here. None (default): kept at
-    stage 2, freed at stage 3, the stage that exists to hold the least."""
+    CPU, writing fresh pages every step costs time (README, Performance). None (default): kept
+    at stage 2, freed at stage 3, the stage that exists to hold the least."""
 
     collective_timeout_s: float = 600.0
-    """Seconds any collective of the engine may wait for the other ranks. A rank that died or
-    stopped (hung, stuck in I/O) makes the others fail after this long, with a CollectiveError
-    naming the collective and the phase, instead of hanging for torch's default 30 minutes."""
+    """Seconds any collective of the engine may wait for the other ranks (1 to 604800, 7 days).
+    A rank that died or stopped (hung, stuck in I/O) makes the others fail after this long, with
+    a CollectiveError naming the collective and the phase, instead of hanging for torch's
+    default 30 minutes."""
 
     nonfinite_grads: str = "raise"
     """Without a loss scaler (fp32, bf16), what a NaN/inf gradient norm on any rank does:
@@ -75,7 +81,7 @@ class ZeroConfig:
     the step with a warning). fp16 always skips and backs off its loss scale."""
 
     initial_loss_scale: float = 2.0**16
-    """fp16: the dynamic loss scaler's starting scale."""
+    """fp16: the dynamic loss scaler's starting scale (finite, > 0)."""
 
     loss_scale_growth_interval: int = 2000
     """fp16: steps without overflow before the scale grows by `loss_scale_growth_factor`."""
@@ -103,10 +109,11 @@ class ZeroConfig:
                 f"{', '.join(repr(c) for c in MIXED_PRECISION_CHOICES)}, "
                 f"got {self.mixed_precision!r}{hint}"
             )
-        if not (_is_number(self.collective_timeout_s) and self.collective_timeout_s > 0):
+        lo, hi = TIMEOUT_RANGE_S
+        if not (_is_number(self.collective_timeout_s) and lo <= self.collective_timeout_s <= hi):
             raise ValueError(
-                "collective_timeout_s must be a positive number of seconds, "
-                f"got {self.collective_timeout_s!r}"
+                f"collective_timeout_s must be a number of seconds from {lo:g} to {hi:g} "
+                f"(7 days), got {self.collective_timeout_s!r}"
             )
         if self.nonfinite_grads not in ("raise", "skip"):
             raise ValueError(
@@ -125,7 +132,7 @@ class ZeroConfig:
                     "unit_modules must be a list of module class names such as ['GPT2Block'], "
                     f"got {self.unit_modules!r}"
                 )
-            self.unit_modules = list(self.unit_modules)
+            object.__setattr__(self, "unit_modules", list(self.unit_modules))
         if self.gradient_clipping is not None and not (
             _is_number(self.gradient_clipping) and self.gradient_clipping > 0
         ):
@@ -133,8 +140,14 @@ class ZeroConfig:
                 "gradient_clipping must be a positive max global grad norm or None, "
                 f"got {self.gradient_clipping!r}"
             )
-        if not (_is_number(self.initial_loss_scale) and self.initial_loss_scale > 0):
-            raise ValueError(f"initial_loss_scale must be > 0, got {self.initial_loss_scale!r}")
+        if not (
+            _is_number(self.initial_loss_scale)
+            and math.isfinite(self.initial_loss_scale)
+            and self.initial_loss_scale > 0
+        ):
+            raise ValueError(
+                f"initial_loss_scale must be finite and > 0, got {self.initial_loss_scale!r}"
+            )
         if not (_is_number(self.loss_scale_growth_factor) and self.loss_scale_growth_factor > 1):
             raise ValueError(
                 f"loss_scale_growth_factor must be > 1, got {self.loss_scale_growth_factor!r}"
@@ -210,6 +223,23 @@ class ZeroConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _refuse_assignment(self: ZeroConfig, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(
+        f"ZeroConfig is frozen: cannot assign {name}={value!r} (it would skip validation); "
+        f"build a changed copy with dataclasses.replace(config, {name}={value!r})"
+    )
+
+
+def _refuse_deletion(self: ZeroConfig, name: str) -> None:
+    raise dataclasses.FrozenInstanceError(f"ZeroConfig is frozen: cannot delete {name!r}")
+
+
+# The dataclass's own frozen __setattr__ says only "cannot assign to field"; this one names the
+# fix. (Its __init__ sets fields with object.__setattr__, so construction is unaffected.)
+ZeroConfig.__setattr__ = _refuse_assignment
+ZeroConfig.__delattr__ = _refuse_deletion
 
 
 def _is_number(value: Any) -> bool:

@@ -12,6 +12,10 @@ Rules:
   belongs to the root unit, which is gathered for the whole forward and backward of stage 3.
 - Trainable parameters (requires_grad) must each be in exactly one optimizer param group; frozen
   ones form the FROZEN group and get no gradient, master update or optimizer state.
+- The flat buffers hold fp32 values (the masters), which represent fp32, bf16 and fp16 exactly.
+  A frozen parameter of any other dtype (float64, integers, bool, complex) is kept whole, out of
+  the layout, on every rank, like a buffer, so its value stays bit-exact. A trainable one of
+  such a dtype is refused: it would be trained at fp32 precision.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from torch import nn
 
 from .partition import FROZEN, ROOT_UNIT, ParamEntry
 
-__all__ = ["ModelParams", "discover_params"]
+__all__ = ["FLAT_DTYPES", "ModelParams", "discover_params"]
+
+FLAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Parameter dtypes whose values the fp32 flat buffers hold exactly."""
 
 
 @dataclass
@@ -34,6 +41,8 @@ class ModelParams:
     unit_modules: dict[str, nn.Module]
     """Unit name -> module; the root unit ("") is the model itself."""
     device: torch.device
+    whole: dict[str, nn.Parameter]
+    """Primary name -> frozen parameter kept whole (a dtype outside FLAT_DTYPES)."""
 
 
 def _unit_modules(
@@ -73,8 +82,8 @@ def discover_params(
 
     Raises:
         ValueError: the optimizer holds no trainable parameter of the model, holds a tensor that
-            is not a parameter of the model, misses a trainable parameter, or the model's
-            parameters are on several devices.
+            is not a parameter of the model, misses a trainable parameter, a trainable parameter
+            is not fp32, bf16 or fp16, or the model's parameters are on several devices.
     """
     explicit = unit_modules is not None
     classes = (
@@ -114,6 +123,16 @@ def discover_params(
                 f"parameter {names_of[pid][0]!r} requires grad but is in no optimizer param group; "
                 "add it to the optimizer or freeze it with requires_grad_(False)"
             )
+        dtype = param_of[pid].dtype
+        if dtype not in FLAT_DTYPES:
+            name, short = names_of[pid][0], str(dtype).removeprefix("torch.")
+            raise ValueError(
+                f"parameter {name!r} is {short} and requires grad: hf_zero trains fp32 master "
+                "weights (bf16/fp16 compute with ZeroConfig.mixed_precision), which would round "
+                "it. Cast the model before initialize (model.float() or model.to(torch.float32)), "
+                f"or freeze it ({name}.requires_grad_(False)) to keep it whole, bit-exact, in "
+                f"{short}"
+            )
 
     devices = {p.device for p in param_of.values()}
     if len(devices) > 1:
@@ -122,13 +141,16 @@ def discover_params(
             "model to one device (model.to(device)) before initialize"
         )
 
-    entries, params = [], {}
+    entries, params, whole = [], {}, {}
     for pid, names in names_of.items():
         p = param_of[pid]
+        if p.dtype not in FLAT_DTYPES:  # frozen: checked above for the trainable ones
+            whole[names[0]] = p
+            continue
         owners = {_unit_of(n, unit_names) for n in names}
         unit = owners.pop() if len(owners) == 1 else ROOT_UNIT
         group = group_of[pid] if p.requires_grad and pid in group_of else FROZEN
         entries.append(ParamEntry(names[0], tuple(p.shape), unit, group, tuple(names[1:])))
         params[names[0]] = p
     device = devices.pop() if devices else torch.device("cpu")
-    return ModelParams(entries, params, units, device)
+    return ModelParams(entries, params, units, device, whole)

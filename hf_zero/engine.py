@@ -1,14 +1,23 @@
 """The engine: composes one parameter store, one gradient store and the sharded optimizer.
 
-| stage | parameters          | gradients                          | optimizer (masters + state) |
-|-------|---------------------|------------------------------------|-----------------------------|
-| 0     | ReplicatedParams    | LocalGrads, all-reduce in backward | whole buffer on every rank  |
-| 1     | ReplicatedParams    | LocalGrads, reduce-scatter at step | shard                       |
-| 2     | ReplicatedParams    | ShardedGrads                       | shard                       |
-| 3     | ShardedParams       | ShardedGrads                       | shard                       |
+`plan.StagePlan` says what the configured stage shards and when it communicates; `__init__`
+picks one piece of each kind from the plan's named properties and never compares stage numbers:
 
-The engine never branches on the stage after `__init__` picks the pieces; it does not know who
-hosts it (a script, Accelerate, the Trainer).
+- parameters: `ShardedParams` where the plan shards them, else `ReplicatedParams` (which
+  all-gathers the updated shards after the step where the optimizer is sharded);
+- gradients: `ShardedGrads` where the plan shards them (polling its reductions at stage 3),
+  else full local gradients, all-reduced in backward (`AllReducedGrads`) or reduce-scattered at
+  the step (`StepReducedGrads`);
+- optimizer: `ShardedOptimizer` over this rank's shard of every flat unit, or over the whole
+  buffer where the plan does not shard it.
+
+The engine does not know who hosts it (a script, Accelerate, the Trainer).
+
+The training loop is torch's, and so are its mistakes' outcomes (`guards` routes the model's
+and optimizer's own calls here): `step()` with no backward since the last step or `zero_grad()`
+changes nothing and returns False; a backward after `step()` without `zero_grad()` raises, since
+the last step's gradients are still held (scaled and reduced in place); a second
+`clip_grad_norm_` in one step returns the norm of the already clipped gradients.
 """
 
 from __future__ import annotations
@@ -20,16 +29,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import comm, fingerprint
+from . import comm, fingerprint, guards
 from .checkpoint import sharded
+from .checkpoint.export import export_model
 from .checkpoint.state import Counters, RankState
 from .config import ZeroConfig
 from .discover import discover_params
-from .grads import BackwardTracker, LocalGrads, ShardedGrads
+from .estimate import model_state_bytes, optimizer_state_bytes
+from .grads import AllReducedGrads, BackwardTracker, ShardedGrads, StepReducedGrads
 from .optimizer import ShardedOptimizer, check_optimizer
 from .params import ReplicatedParams, ShardedParams, flatten_fp32
 from .partition import FlatUnit, plan_layout
-from .precision import DynamicLossScaler, NoLossScaler, compute_dtype_for
+from .plan import StagePlan
+from .precision import compute_dtype_for, loss_scaler_for
+from .report import gather_full_state_dict, held_bytes
 
 __all__ = ["ZeroEngine", "initialize"]
 
@@ -48,14 +61,16 @@ def initialize(
     Args:
         model: the bare model, on its device; every rank builds the same model.
         optimizer: built over the model's parameters; it is rebuilt over this rank's shards and
-            becomes `engine.optimizer` (the same object).
+            becomes `engine.optimizer` (the same object, its `step()` and `zero_grad()` now
+            `engine.step()` and `engine.zero_grad()`).
         config: a ZeroConfig; default ZeroConfig() (stage 2, fp32).
         group: the process group of the data-parallel ranks; default the world. With
             torch.distributed not initialised, the engine runs as world size 1.
 
     Raises:
         TypeError: model already wrapped, optimizer not elementwise, config of the wrong type.
-        ValueError: optimizer and model disagree (see `discover_params`).
+        ValueError: the model already has an engine; optimizer and model disagree, or a
+            trainable parameter is not fp32/bf16/fp16 (see `discover_params`).
     """
     return ZeroEngine(
         model, optimizer, config=config if config is not None else ZeroConfig(), group=group
@@ -64,7 +79,12 @@ def initialize(
 
 class ZeroEngine(nn.Module):
     """A model and optimizer trained with ZeRO. Call it like the model; `engine.module` is the
-    model itself."""
+    model itself.
+
+    Public state: `config`, `grad_norm` (the pre-clip global norm of the last step, or None),
+    `global_steps` (applied optimizer steps), `skipped_steps` and `step_was_skipped` (the last
+    `step()` call did not apply).
+    """
 
     def __init__(
         self,
@@ -82,173 +102,200 @@ class ZeroEngine(nn.Module):
                 f"model must be a bare nn.Module, got {type(model).__name__}; hf_zero does its own "
                 "gradient reduction, so pass the unwrapped model (model.module)"
             )
+        guards.check_not_attached(model)
         check_optimizer(optimizer)
         self.config = config
         self.module = model
-        self.group = comm.resolve_group(group)
-        self.stats = comm.CommStats()
-        self.compute_dtype = compute_dtype_for(config.mixed_precision)
-        if config.mixed_precision == "fp16":
-            self.scaler = DynamicLossScaler(
-                scale=config.initial_loss_scale,
-                growth_interval=config.loss_scale_growth_interval,
-                growth_factor=config.loss_scale_growth_factor,
-                backoff_factor=config.loss_scale_backoff_factor,
-            )
-        else:
-            self.scaler = NoLossScaler()
+        plan = self._plan = StagePlan.from_config(config)
+        self._group = comm.resolve_group(group)
+        self._stats = comm.CommStats()
+        self._compute_dtype = compute_dtype_for(config.mixed_precision)
+        self._scaler = loss_scaler_for(config)
 
         found = discover_params(model, optimizer, config.unit_modules)
-        self.params_by_name = found.params
+        self._params = found.params
+        self._whole = found.whole  # frozen non-fp32-representable parameters, kept as they are
         # The dtypes the model came with: what an HF export writes by default.
-        self.param_dtypes = {
+        self._param_dtypes = {
             n: str(p.dtype).removeprefix("torch.") for n, p in found.params.items()
         }
-        stage = config.stage
-        self.layout = plan_layout(
-            found.entries,
-            world_size=self.group.world_size,
-            bucket_size=None if stage == 3 else config.bucket_size,
+        self._layout = plan_layout(
+            found.entries, world_size=self._group.world_size, bucket_size=plan.bucket_size
         )
-        rank = self.group.rank
+        rank = self._group.rank
         # The first collectives, after every local check above: all ranks must agree on the
         # config, the model and the optimizer, or the job would hang or train garbage.
-        description = fingerprint.describe(config, found.entries, model, optimizer)
+        description = fingerprint.describe(
+            config, found.entries, model, optimizer, whole=found.whole
+        )
         label = "fingerprint exchange at initialize"
         digests = comm.all_gather_object(
-            fingerprint.digest(description), group=self.group, label=label
+            fingerprint.digest(description), group=self._group, label=label
         )
         if len(set(digests)) > 1:
-            everyone = comm.all_gather_object(description, group=self.group, label=label)
+            everyone = comm.all_gather_object(description, group=self._group, label=label)
             raise ValueError(fingerprint.disagreement_message(everyone))
         # The engine's own groups, with its collective timeout: parameters and control, and
         # gradient reductions (see comm.new_group_like).
         timeout = config.collective_timeout_s
-        self.reduce_group = comm.new_group_like(self.group, timeout_s=timeout)
-        self.group = comm.new_group_like(self.group, timeout_s=timeout)
+        self._reduce_group = comm.new_group_like(self._group, timeout_s=timeout)
+        self._group = comm.new_group_like(self._group, timeout_s=timeout)
 
         def owned(fu: FlatUnit) -> tuple[int, int]:
-            return (0, fu.padded_numel) if stage == 0 else fu.shard_range(rank)
+            return fu.shard_range(rank) if plan.shards_optimizer else (0, fu.padded_numel)
 
-        self.owned = owned  # the flat range [lo, hi) this rank's master and optimizer cover
+        self._owned = owned  # the flat range [lo, hi) this rank's master and optimizer cover
 
-        self.tracker = BackwardTracker()
-        common = dict(group=self.group, stats=self.stats)
-        if stage == 3:
-            self.params_store = ShardedParams(
-                self.layout,
+        self._tracker = BackwardTracker()
+        common = dict(group=self._group, stats=self._stats)
+        if plan.shards_params:
+            self._params_store = ShardedParams(
+                self._layout,
                 found.params,
-                dtype=self.compute_dtype,
+                dtype=self._compute_dtype,
                 unit_modules=found.unit_modules,
-                prefetch=config.prefetch,
-                on_backward_start=self.tracker.enter,
+                prefetch=plan.prefetch,
+                on_backward_start=self._tracker.enter,
                 **common,
             )
         else:
-            self.params_store = ReplicatedParams(
-                self.layout,
+            self._params_store = ReplicatedParams(
+                self._layout,
                 found.params,
-                dtype=self.compute_dtype,
+                dtype=self._compute_dtype,
                 owned=owned,
-                sharded_optimizer=stage > 0,
+                gather_after_step=plan.gather_after_step,
                 **common,
             )
-        self.sharded_optimizer = ShardedOptimizer(
-            optimizer, self.layout, owned=owned, sharded=stage > 0, **common
+        self._sharded_optimizer = ShardedOptimizer(
+            optimizer, self._layout, owned=owned, sharded=plan.shards_optimizer, **common
         )
         with torch.no_grad():
-            for fu in self.layout.flat_units:
+            for fu in self._layout.flat_units:
                 full32 = flatten_fp32(fu, found.params, found.device)
-                self.params_store.adopt(fu, full32)
-                self.sharded_optimizer.adopt(fu, full32, self.params_store.local(fu))
+                self._params_store.adopt(fu, full32)
+                self._sharded_optimizer.adopt(fu, full32, self._params_store.local(fu))
                 del full32
-        self.sharded_optimizer.rebuild()
+        self._sharded_optimizer.rebuild()
 
-        reduce = dict(group=self.reduce_group, stats=self.stats)
-        if stage >= 2:
-            self.grads = ShardedGrads(
-                self.layout,
+        reduce = dict(group=self._reduce_group, stats=self._stats)
+        if plan.shards_grads:
+            self._grads = ShardedGrads(
+                self._layout,
                 found.params,
-                dtype=self.compute_dtype,
-                tracker=self.tracker,
+                dtype=self._compute_dtype,
+                tracker=self._tracker,
                 max_inflight=config.max_inflight_reductions,
-                block_on_inflight=stage != 3,
-                keep_shards=(
-                    stage == 2 if config.keep_grad_shards is None else config.keep_grad_shards
+                poll=plan.poll_reductions,
+                keep_shards=plan.keep_grad_shards,
+                on_unit_grads_done=(
+                    self._params_store.on_unit_grads_done if plan.shards_params else None
                 ),
-                on_unit_grads_done=self.params_store.on_unit_grads_done if stage == 3 else None,
                 **reduce,
             )
         else:
-            self.grads = LocalGrads(
-                self.layout,
+            full_grads = AllReducedGrads if plan.reduce_in_backward else StepReducedGrads
+            self._grads = full_grads(
+                self._layout,
                 found.params,
-                dtype=self.compute_dtype,
+                dtype=self._compute_dtype,
                 owned=owned,
-                tracker=self.tracker,
-                reduce_in_backward=stage == 0,
+                tracker=self._tracker,
                 **reduce,
             )
-        self.tracker.finishers.append(self.grads.end_backward)
-        if stage == 3:
-            self.tracker.finishers.append(self.params_store.end_backward)
+        self._tracker.starters.append(self._check_backward_allowed)
+        self._tracker.finishers.append(self._grads.end_backward)
+        if plan.shards_params:
+            self._tracker.finishers.append(self._params_store.end_backward)
+        self._tracker.finishers.append(self._mark_backward_done)
+
         self.grad_norm: torch.Tensor | None = None
         self.global_steps = 0
         self.skipped_steps = 0
-        self._grads_ready = False
+        self.step_was_skipped = False
+        self._grads_ready = False  # master grads set and the norm computed for this step
         self._clipped = False
+        self._has_grads = False  # a backward since the last step or zero_grad
+        self._needs_zero = False  # a step consumed the gradients; zero_grad must come first
+
+        self._param_ids = frozenset(id(p) for p in (*found.params.values(), *found.whole.values()))
+        self._route = guards.OptimizerRoute(optimizer, self.step, self.zero_grad)
+        guards.route_model(
+            model,
+            on_zero_grad=self.zero_grad,
+            save_refusal=guards.sharded_save_refusal(model, self.world_size)
+            if plan.shards_params
+            else None,
+        )
+        guards.install_clip_guard()
+        guards.attach(self)
 
     # ---- the training loop -----------------------------------------------------------------
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The user's optimizer, rebuilt over this rank's master shards."""
-        return self.sharded_optimizer.optimizer
-
-    @property
-    def stage(self) -> int:
-        return self.config.stage
+        """The user's optimizer, rebuilt over this rank's master shards; its `step()` and
+        `zero_grad()` are this engine's."""
+        return self._sharded_optimizer.optimizer
 
     @property
     def world_size(self) -> int:
-        return self.group.world_size
+        return self._group.world_size
 
     @property
     def rank(self) -> int:
-        return self.group.rank
+        return self._group.rank
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of `loss` (times the fp16 loss scale); gradients are reduced per stage."""
-        passes = self.tracker.passes
-        (loss * self.scaler.scale if self.scaler.dynamic else loss).backward()
-        self.tracker.finish_if_missed(passes)
+        """Backward of `loss` (times the fp16 loss scale); gradients are reduced per stage.
+
+        Raises:
+            RuntimeError: `step()` ran since the last `zero_grad()` (its gradients are still
+                held): call `zero_grad()` after each step.
+        """
+        self._check_backward_allowed()
+        self._grads.before_backward()
+        passes = self._tracker.passes
+        (loss * self._scaler.scale if self._scaler.dynamic else loss).backward()
+        self._tracker.finish_if_missed(passes)
+
+    def _check_backward_allowed(self) -> None:
+        if self._needs_zero:
+            raise RuntimeError(
+                "backward after step() without zero_grad(): the gradients of the last step are "
+                "still held (already unscaled, averaged over ranks and clipped in place), so this "
+                "backward would add to them. Call engine.zero_grad() (or optimizer.zero_grad() / "
+                "model.zero_grad()) after each step()"
+            )
+
+    def _mark_backward_done(self) -> None:
+        self._has_grads = True
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Micro-steps before the accumulation boundary. Stages 0-1 skip communication and
         accumulate full local gradients; stages 2-3 still reduce into the gradient shard."""
-        old = self.grads.sync
-        self.grads.sync = False
+        old = self._grads.sync
+        self._grads.sync = False
         try:
             yield
         finally:
-            self.grads.sync = old
+            self._grads.sync = old
 
     def _prepare_grads(self) -> None:
         if self._grads_ready:
             return
-        self.grads.reduce_for_step()
-        inv = 1.0 / (self.group.world_size * self.scaler.scale)
-        local = {fu.index: self.grads.local(fu) for fu in self.sharded_optimizer.trainable()}
-        self.sharded_optimizer.set_grads(local, inv)
-        specs = self.sharded_optimizer.trainable_specs()
-        got = torch.tensor(
-            [self.params_by_name[spec.name] in self.grads.got_grad for _, spec in specs]
-        )
-        self.grad_norm, used = self.sharded_optimizer.grad_norm(got)
+        self._grads.reduce_for_step()
+        inv = 1.0 / (self._group.world_size * self._scaler.scale)
+        opt = self._sharded_optimizer
+        local = {fu.index: self._grads.local(fu) for fu in opt.trainable()}
+        opt.set_grads(local, inv)
+        specs = opt.trainable_specs()
+        got = torch.tensor([self._params[spec.name] in self._grads.got_grad for _, spec in specs])
+        self.grad_norm, used = opt.grad_norm(got)
         self._untouched = [fs for fs, u in zip(specs, used.tolist()) if not u]
         self._grads_ready = True
 
@@ -256,30 +303,45 @@ class ZeroEngine(nn.Module):
         """Clip the global gradient norm (over all shards, each parameter once) to `max_norm`.
 
         Call at the accumulation boundary, after the last backward and before `step()`.
-        Returns the norm before clipping.
+        Returns the norm before clipping; called again in the same step, the norm of the
+        gradients as the first call left them (as torch does). Collective.
+
+        Raises:
+            ValueError: `max_norm` not > 0.
         """
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-        self._prepare_grads()
-        if torch.isfinite(self.grad_norm):
-            self.sharded_optimizer.clip(self.grad_norm, float(max_norm))
+        if self._clipped:
+            norm = self._sharded_optimizer.norm()
+        else:
+            self._prepare_grads()
+            norm = self.grad_norm
+        if torch.isfinite(norm):
+            self._sharded_optimizer.clip(norm, float(max_norm))
         self._clipped = True
-        return self.grad_norm
+        return norm
 
     def step(self) -> bool:
         """The optimizer step at the accumulation boundary: unscale, clip (config), update,
-        and share the updated weights. Returns False if the step was skipped: an fp16 overflow,
-        or a non-finite gradient with `nonfinite_grads="skip"`.
+        and share the updated weights. Returns False if the step was not applied: an fp16
+        overflow, a non-finite gradient with `nonfinite_grads="skip"`, or no backward since the
+        last step or `zero_grad()` (which, as in torch, changes and counts nothing).
 
         Raises:
             FloatingPointError: a NaN/inf gradient norm without a loss scaler and
-                `nonfinite_grads="raise"` (the default), on every rank alike.
+                `nonfinite_grads="raise"` (the default), or an fp16 loss scale that would fall
+                below `precision.MIN_LOSS_SCALE`; on every rank alike.
         """
+        if not self._has_grads:
+            self._end_step()
+            self.step_was_skipped = True
+            return False
         self._prepare_grads()
         # The norm is the same on every rank (all-reduced, or computed from identical
         # all-reduced gradients at stage 0), so every rank takes the same branch.
         overflow = not bool(torch.isfinite(self.grad_norm))
-        if overflow and not self.scaler.dynamic:
+        self.step_was_skipped = overflow
+        if overflow and not self._scaler.dynamic:
             step = self.global_steps + self.skipped_steps + 1
             if self.config.nonfinite_grads == "raise":
                 self.zero_grad()
@@ -297,36 +359,49 @@ class ZeroEngine(nn.Module):
         if overflow:
             self.skipped_steps += 1
         else:
+            opt = self._sharded_optimizer
             if self.config.gradient_clipping is not None and not self._clipped:
-                self.sharded_optimizer.clip(self.grad_norm, self.config.gradient_clipping)
-            self.sharded_optimizer.step(self._untouched)
-            self._write_back(self.sharded_optimizer.trainable())
+                opt.clip(self.grad_norm, self.config.gradient_clipping)
+            with self._route.applying():
+                opt.step(self._untouched)
+            self._write_back(opt.trainable())
             self.global_steps += 1
-        self.scaler.update(overflow)
-        self.grads.got_grad.clear()
-        self.sharded_optimizer.clear_grads()
+        self._end_step()
+        self._needs_zero = True
+        try:
+            self._scaler.update(overflow)
+        except FloatingPointError:
+            self.zero_grad()
+            raise
+        if overflow and self._scaler.dynamic and self._scaler.should_warn():
+            warnings.warn(self._scaler.skip_warning(), RuntimeWarning, stacklevel=2)
+        return not overflow
+
+    def _end_step(self) -> None:
+        self._grads.got_grad.clear()
+        self._sharded_optimizer.clear_grads()
         self._grads_ready = False
         self._clipped = False
-        return not overflow
+        self._has_grads = False
 
     @torch.no_grad()
     def _write_back(self, fus: list[FlatUnit]) -> None:
         """Copy masters into the compute parameters they do not alias, and share them."""
         for fu in fus:
-            master, local = self.sharded_optimizer.masters[fu.index], self.params_store.local(fu)
+            master, local = self._sharded_optimizer.masters[fu.index], self._params_store.local(fu)
             if master.data_ptr() != local.data_ptr():
                 local.copy_(master)
-        self.params_store.publish(fus)
+        self._params_store.publish(fus)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients this rank holds. At stages 2-3, `set_to_none=True` (torch's
         default) empties the gradient shards until the next backward writes them, and frees
         them unless `config.keep_grad_shards` keeps them (the default at stage 2); stages 0-1
-        keep their full flat buffers (param.grad are views into them) and zero them."""
-        self.grads.zero(set_to_none)
-        self.sharded_optimizer.clear_grads()
-        self._grads_ready = False
-        self._clipped = False
+        keep their full flat buffers (param.grad are views into them) and zero them.
+        `optimizer.zero_grad()` and `model.zero_grad()` do exactly this."""
+        self._grads.zero(set_to_none)
+        self._end_step()
+        self._needs_zero = False
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -335,110 +410,135 @@ class ZeroEngine(nn.Module):
         Collective. Returns the checkpoint path."""
         return sharded.save_checkpoint(self._checkpoint_state(), path, tokenizer=tokenizer)
 
-    def load_checkpoint(self, path) -> dict:
+    def load_checkpoint(self, path, *, weights_only=False, restore_rng=True):
         """Load a checkpoint saved at any world size and stage; each rank reads only its byte
-        ranges, after checking sizes and checksums. Collective. Returns the manifest."""
-        return sharded.load_checkpoint(self._checkpoint_state(), path)
+        ranges, after checking sizes and checksums. Collective. Returns the manifest
+        (`hf_zero.checkpoint.Manifest`).
+
+        `weights_only=True` loads the weights alone and keeps this engine's optimizer state,
+        counters and RNG (the optimizer may differ from the saved one). `restore_rng=False`
+        leaves the RNG states to the host framework (Accelerate, the Trainer)."""
+        return sharded.load_checkpoint(
+            self._checkpoint_state(), path, weights_only=weights_only, restore_rng=restore_rng
+        )
+
+    def export(
+        self,
+        output_dir,
+        *,
+        tokenizer=None,
+        dtype="auto",
+        max_shard_size="5GB",
+        overwrite=False,
+        card=None,
+        checkpoint=None,
+    ):
+        """Write the folder `save_pretrained` writes for the current weights, plus a model card
+        (collective): a sharded checkpoint (or `checkpoint=`, one of this very step) consolidated
+        by `hf_zero.consolidate`, so it is byte for byte what `hf-zero consolidate` writes.
+        Returns the folder. See `hf_zero.checkpoint.export.export_model`."""
+        return export_model(
+            self._checkpoint_state(),
+            output_dir,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            card=card,
+            checkpoint=checkpoint,
+        )
 
     def _checkpoint_state(self) -> RankState:
         """What a checkpoint reads from and restores into this rank."""
         return RankState(
-            layout=self.layout,
+            layout=self._layout,
             rank=self.rank,
             world_size=self.world_size,
-            stage=self.stage,
+            stage=self.config.stage,
             mixed_precision=self.config.mixed_precision,
             config=self.config.to_dict(),
-            owned={fu.index: self.owned(fu) for fu in self.layout.flat_units},
-            masters=dict(self.sharded_optimizer.masters),
+            owned={fu.index: self._owned(fu) for fu in self._layout.flat_units},
+            masters=dict(self._sharded_optimizer.masters),
             optimizer=self.optimizer,
             module=self.module,
-            param_dtypes=dict(self.param_dtypes),
+            param_dtypes=dict(self._param_dtypes),
             counters=Counters(
                 step=self.global_steps,
                 skipped_steps=self.skipped_steps,
-                loss_scaler=self.scaler.state_dict(),
+                loss_scaler=self._scaler.state_dict(),
             ),
-            dynamic_loss_scale=self.scaler.dynamic,
-            group=self.group,
+            dynamic_loss_scale=self._scaler.dynamic,
+            group=self._group,
             restore=self._restore_after_load,
         )
 
     def _restore_after_load(self, counters: Counters) -> None:
         """After the masters and optimizer state are loaded: parameters, scaler, counters."""
-        self._write_back(list(self.layout.flat_units))
-        if self.scaler.dynamic:
-            self.scaler.load_state_dict(dict(counters.loss_scaler))
+        self._write_back(list(self._layout.flat_units))
+        if self._scaler.dynamic:
+            self._scaler.load_state_dict(dict(counters.loss_scaler))
         self.global_steps = counters.step
         self.skipped_steps = counters.skipped_steps
         self.zero_grad()
 
-    @torch.no_grad()
     def full_state_dict(self, *, all_ranks: bool = False, dtype: torch.dtype | None = None) -> dict:
         """The full model state dict (parameters from the fp32 masters, cast to `dtype` if given,
         tied names sharing one tensor, plus buffers), on rank 0; {} on other ranks unless
         `all_ranks`. Collective: every rank must call it."""
-        full_of: dict[str, torch.Tensor] = {}
-        for fu in self.layout.flat_units:
-            master = self.sharded_optimizer.masters[fu.index]
-            if master.numel() == fu.padded_numel:
-                full = master
-            else:
-                full = torch.empty(fu.padded_numel, dtype=master.dtype, device=master.device)
-                comm.all_gather(
-                    full,
-                    master,
-                    group=self.group,
-                    stats=self.stats,
-                    label="all-gather for full_state_dict",
-                )
-            for spec in fu.params:
-                t = full[spec.offset : spec.offset + spec.numel].view(spec.shape).clone()
-                t = t.to(dtype) if dtype is not None else t
-                for name in (spec.name, *spec.aliases):
-                    full_of[name] = t
-        if self.group.rank != 0 and not all_ranks:
-            return {}
-        out = {}
-        for key, value in self.module.state_dict(keep_vars=True).items():
-            out[key] = full_of[key] if key in full_of else value.detach().clone()
-        return out
+        return gather_full_state_dict(
+            self._layout,
+            self._sharded_optimizer.masters,
+            self.module,
+            group=self._group,
+            stats=self._stats,
+            dtype=dtype,
+            keep=all_ranks or self._group.rank == 0,
+        )
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes of model states this rank holds now, by kind, each storage counted once:
         param_bytes (compute parameters, incl. stage-3 units gathered at the moment),
         grad_bytes, optim_bytes (fp32 masters that are not the parameters, optimizer state)."""
-        seen: set[int] = set()
-
-        def count(tensors) -> int:
-            total = 0
-            for t in tensors:
-                if t is None:
-                    continue
-                storage = t.untyped_storage()
-                if storage.nbytes() == 0 or storage.data_ptr() in seen:
-                    continue
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-            return total
-
-        param = count(
-            [p.data for p in self.params_by_name.values()] + self.params_store.held_tensors()
+        return held_bytes(
+            params=[p.data for p in (*self._params.values(), *self._whole.values())]
+            + self._params_store.held_tensors(),
+            grads=self._grads.held_tensors() + [p.grad for p in self._params.values()],
+            optim=self._sharded_optimizer.held_tensors(),
         )
-        grad = count(self.grads.held_tensors() + [p.grad for p in self.params_by_name.values()])
-        optim = count(self.sharded_optimizer.held_tensors())
-        return {
-            "param_bytes": param,
-            "grad_bytes": grad,
-            "optim_bytes": optim,
-            "total_bytes": param + grad + optim,
-        }
 
     def comm_stats(self) -> dict[str, int]:
-        """Bytes this rank has moved per collective kind since start (DESIGN.md §1 convention),
-        plus "total"."""
-        return self.stats.snapshot()
+        """Bytes this rank has moved per collective kind since start, plus "total". An
+        all-reduce of n bytes counts 2n, a reduce-scatter or all-gather of an n-byte buffer n:
+        the ZeRO paper's convention, whatever primitive the backend ran."""
+        return self._stats.snapshot()
 
     def num_parameters(self, *, only_trainable: bool = False) -> int:
         """True parameter count (each tied parameter once), whatever is sharded."""
-        return sum(fu.numel for fu in self.layout.flat_units if fu.trainable or not only_trainable)
+        n = sum(fu.numel for fu in self._layout.flat_units if fu.trainable or not only_trainable)
+        return n + (0 if only_trainable else sum(p.numel() for p in self._whole.values()))
+
+    def summary(self) -> dict:
+        """The training setup and where it stands, for model cards and logs: stage, world_size,
+        mixed_precision, global_steps, skipped_steps, num_parameters, trainable_parameters,
+        memory_stats (measured now, this rank) and ddp_model_state_bytes (what plain data
+        parallelism would hold for the trainable parameters with this optimizer: the stage-0
+        formula)."""
+        trainable = self.num_parameters(only_trainable=True)
+        ddp = model_state_bytes(
+            trainable,
+            world_size=self.world_size,
+            stage=0,
+            mixed_precision=self.config.mixed_precision,
+            optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+        )
+        return {
+            "stage": self.config.stage,
+            "world_size": self.world_size,
+            "mixed_precision": self.config.mixed_precision,
+            "global_steps": self.global_steps,
+            "skipped_steps": self.skipped_steps,
+            "num_parameters": self.num_parameters(),
+            "trainable_parameters": trainable,
+            "memory_stats": self.memory_stats(),
+            "ddp_model_state_bytes": int(ddp["total_bytes"]),
+        }

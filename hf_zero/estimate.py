@@ -1,14 +1,31 @@
-"""Model-state memory per rank by stage: the ZeRO paper's accounting (DESIGN.md §1).
+"""Model-state memory per rank by stage: the ZeRO paper's accounting.
 
-Pure arithmetic. The engine's `memory_stats()` measures the bytes it actually holds; the tests
-check that the two agree, padding aside.
+Pure arithmetic over the stage plan (`plan.StagePlan`): a kind of model state that the stage
+shards is divided by the world size. The engine's `memory_stats()` measures the bytes it
+actually holds; the tests check that the two agree, padding aside.
 """
 
 from __future__ import annotations
 
-from .config import MIXED_PRECISION_CHOICES, STAGES
+import torch
 
-__all__ = ["model_state_bytes"]
+from .config import MIXED_PRECISION_CHOICES
+from .plan import StagePlan
+
+__all__ = ["model_state_bytes", "optimizer_state_bytes"]
+
+# fp32 bytes of optimizer state per parameter element, by class (the tensors torch keeps).
+_STATE_BYTES = {
+    torch.optim.Adam: 8,
+    torch.optim.AdamW: 8,
+    torch.optim.NAdam: 8,
+    torch.optim.RAdam: 8,
+    torch.optim.Adamax: 8,
+    torch.optim.Adadelta: 8,
+    torch.optim.Rprop: 8,
+    torch.optim.Adagrad: 4,
+    torch.optim.ASGD: 4,
+}
 
 
 def model_state_bytes(
@@ -31,9 +48,11 @@ def model_state_bytes(
 
     Returns:
         {"param_bytes", "grad_bytes", "optim_bytes", "total_bytes"}.
+
+    Raises:
+        ValueError: a stage, precision or world size out of range.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    plan = StagePlan.for_stage(stage)
     if mixed_precision not in MIXED_PRECISION_CHOICES:
         raise ValueError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, "
@@ -43,13 +62,28 @@ def model_state_bytes(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     low = 4 if mixed_precision == "no" else 2
     master = 0 if mixed_precision == "no" else 4
-    n = world_size
-    param = numel * low / (n if stage >= 3 else 1)
-    grad = numel * low / (n if stage >= 2 else 1)
-    optim = numel * (master + optimizer_state_bytes) / (n if stage >= 1 else 1)
+    div = plan.model_state_divisors(world_size)
+    param = numel * low / div["params"]
+    grad = numel * low / div["grads"]
+    optim = numel * (master + optimizer_state_bytes) / div["optim"]
     return {
         "param_bytes": param,
         "grad_bytes": grad,
         "optim_bytes": optim,
         "total_bytes": param + grad + optim,
     }
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """fp32 bytes of state per parameter element that `optimizer` keeps once it has stepped
+    (AdamW: 8; SGD: 4 with momentum, else 0; RMSprop: 4, plus 4 each for momentum and centered),
+    read off its class and its first param group's hyperparameters."""
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if isinstance(optimizer, torch.optim.SGD):
+        return 4 if group.get("momentum", 0) else 0
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return 4 + 4 * bool(group.get("momentum", 0)) + 4 * bool(group.get("centered", False))
+    for cls, nbytes in _STATE_BYTES.items():
+        if type(optimizer) is cls:
+            return nbytes
+    return 8

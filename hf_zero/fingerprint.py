@@ -31,9 +31,15 @@ def _plain(v: Any) -> Any:
 
 
 def describe(
-    config: ZeroConfig, entries: list[ParamEntry], model: torch.nn.Module, optimizer
+    config: ZeroConfig,
+    entries: list[ParamEntry],
+    model: torch.nn.Module,
+    optimizer,
+    *,
+    whole: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """A JSON-able description, in the order differences are reported: config, model, optimizer."""
+    """A JSON-able description, in the order differences are reported: config, model, optimizer.
+    `whole`: the parameters kept out of the layout (name -> parameter), by shape and dtype."""
     return {
         "config": config.to_dict(),
         "model": {
@@ -46,6 +52,10 @@ def describe(
                     "aliases": list(e.aliases),
                 }
                 for e in entries
+            },
+            "whole_parameters": {
+                name: {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+                for name, p in (whole or {}).items()
             },
         },
         "optimizer": {

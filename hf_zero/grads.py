@@ -1,13 +1,15 @@
 """Gradient stores: where gradients accumulate and how they are reduced across ranks.
 
-`LocalGrads` (stages 0 and 1): every rank holds full gradients in flat buffers (one per trainable
-flat unit, compute dtype); each `param.grad` is a view into them, so autograd accumulates
-micro-steps in place.
-  - stage 0 (`reduce_in_backward=True`): when a bucket's gradients are all ready, its
-    all-reduce starts from the gradient hook and runs while backward goes on. Under `no_sync()`
-    nothing is sent; the next synchronised backward (or the step) reduces the accumulated sum.
-  - stage 1: nothing is sent during backward. At the accumulation boundary `reduce_for_step`
-    reduce-scatters every bucket once; this rank keeps the summed slice it owns.
+Full local gradients (stages 0 and 1): every rank holds full gradients in flat buffers (one per
+trainable flat unit, compute dtype); each `param.grad` is a view into them, so autograd
+accumulates micro-steps in place.
+  - `AllReducedGrads` (stage 0): when a bucket's gradients are all ready, its all-reduce starts
+    from the gradient hook and runs while backward goes on. Under `no_sync()` nothing is sent;
+    the next synchronised backward (or the step) reduces the accumulated sum. A backward into
+    buffers that already hold a reduced sum (a second synchronised backward before the step)
+    first divides them by world_size, so every micro-step is counted once, as with DDP.
+  - `StepReducedGrads` (stage 1): nothing is sent during backward. At the accumulation boundary
+    `reduce_for_step` reduce-scatters every bucket once; this rank keeps the summed slice it owns.
 
 `ShardedGrads` (stages 2 and 3): every rank holds only its gradient shard. When a bucket's
 gradients are all ready, the hook packs them into a transient flat buffer, frees each
@@ -15,14 +17,12 @@ gradients are all ready, the hook packs them into a transient flat buffer, frees
 receives the sum); when it lands, that slice is added to the rank's shard and the buffer goes
 back to a pool that serves the later buckets of the same pass and is emptied at its end. At most
 `max_inflight` buckets are in flight, which bounds the transient memory. This runs every
-micro-step, `no_sync()` included. `zero(set_to_none=True)` frees the shards, so forward holds
-no gradient memory; the next backward creates them again.
+micro-step, `no_sync()` included. `zero(set_to_none=True)` frees the shards unless they are
+kept, so forward holds no gradient memory; the next backward creates them again.
 
 Ordering: every rank must issue the same collectives in the same order, even if a parameter gets
-no gradient on some rank. `BucketScheduler` launches buckets in one fixed order (reverse layout
-order, the order backward usually produces them); a bucket that is ready early waits for the ones
-before it, and at the end of backward every remaining bucket is launched, missing gradients
-counting as zero.
+no gradient on some rank: `schedule.BucketScheduler` launches buckets in one fixed order
+(reverse layout order, the order backward usually produces them).
 """
 
 from __future__ import annotations
@@ -35,25 +35,30 @@ from torch import nn
 
 from . import comm
 from .partition import FlatUnit, Layout
+from .schedule import BucketScheduler
 
-__all__ = ["BackwardTracker", "BucketScheduler", "LocalGrads", "ShardedGrads"]
+__all__ = ["AllReducedGrads", "BackwardTracker", "ShardedGrads", "StepReducedGrads"]
 
 
 class BackwardTracker:
-    """Runs the end-of-backward work once per backward pass, after autograd has finished.
+    """Runs the start- and end-of-backward work once per backward pass.
 
-    Hooks call `enter()`; the first call of a pass queues `finish` with autograd. If no hook ran
-    (no parameter got a gradient on this rank), the engine calls `finish_if_missed()` so that the
-    collectives still run and every rank stays in step.
+    Hooks call `enter()`; the first call of a pass runs `starters` (which may refuse the pass by
+    raising) and queues `finish` with autograd, which runs `finishers` after autograd is done.
+    If no hook ran (no parameter got a gradient on this rank), the engine calls
+    `finish_if_missed()` so that the collectives still run and every rank stays in step.
     """
 
     def __init__(self) -> None:
+        self.starters: list[Callable[[], None]] = []
         self.finishers: list[Callable[[], None]] = []
         self._queued = False
         self.passes = 0
 
     def enter(self) -> None:
         if not self._queued:
+            for f in self.starters:
+                f()
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
@@ -68,69 +73,12 @@ class BackwardTracker:
             self.finish()
 
 
-class BucketScheduler:
-    """Launch one reduction per bucket, in a fixed order, as buckets become ready.
-
-    `launch(i)` returns a handle with `is_completed()`; `finish(i, handle)` waits for it and
-    applies the result. Finished buckets are retired from the front as soon as they complete.
-    With `max_inflight`, a launch that leaves more buckets in flight blocks on the oldest one
-    (`blocking=True`), or only retires what has completed (`blocking=False`): stage 3 must not
-    block here, because another rank may be waiting for this rank's next all-gather before it
-    can launch the bucket we would wait on.
-    """
-
-    def __init__(
-        self,
-        order: list[int],
-        expected: dict[int, int],
-        launch: Callable[[int], object],
-        finish: Callable[[int, object], None],
-        max_inflight: int | None = None,
-        blocking: bool = True,
-    ):
-        self.order, self.expected = order, expected
-        self._launch, self._finish, self.max_inflight = launch, finish, max_inflight
-        self.blocking = blocking
-        self.inflight: deque = deque()
-        self.reset()
-
-    def reset(self) -> None:
-        self.remaining = dict(self.expected)
-        self._next = 0
-
-    def mark_ready(self, index: int) -> None:
-        self.remaining[index] -= 1
-        while self._next < len(self.order) and self.remaining[self.order[self._next]] <= 0:
-            self._launch_next()
-
-    def _launch_next(self) -> None:
-        i = self.order[self._next]
-        self._next += 1
-        self.inflight.append((i, self._launch(i)))
-        while self.inflight and self.inflight[0][1][0].is_completed():
-            self._finish(*self.inflight.popleft())
-        while (
-            self.blocking
-            and self.max_inflight is not None
-            and len(self.inflight) > self.max_inflight
-        ):
-            self._finish(*self.inflight.popleft())
-
-    def flush(self) -> None:
-        """Launch every bucket not yet launched, wait for all, and start a new pass."""
-        while self._next < len(self.order):
-            self._launch_next()
-        while self.inflight:
-            self._finish(*self.inflight.popleft())
-        self.reset()
-
-
 class _BufferPool:
     """Transient bucket buffers, reused within one backward pass and dropped at its end.
 
-    A fresh large CPU tensor is fresh pages, and the first write to each page faults: packing
-    a 124M-element model's gradients into fresh buffers took 0.16 s a pass here, into reused
-    ones 0.07 s. Buckets of repeated blocks have equal sizes, so a finished bucket's buffer
+    A fresh large CPU tensor is fresh pages, and the first write to each page faults, so
+    packing into reused buffers is about twice as fast (README, Performance). Buckets of
+    repeated blocks have equal sizes, so a finished bucket's buffer
     serves a later one: each launch takes the buffer the last retired bucket gave back, so one
     free buffer (`keep`) is all the pass needs, and a buffer is given back only while a bucket
     of its size is still to come. None outlive the pass, so forward holds none of them.
@@ -173,17 +121,14 @@ class _GradStore:
                 p = params[spec.name]
                 self._flat_of[p] = fu.index
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        order = [fu.index for fu in reversed(_trainable(layout))]
-        expected = {fu.index: len(fu.params) for fu in _trainable(layout)}
-        self.scheduler = BucketScheduler(
-            order, expected, self._launch, self._finish, self._max_inflight(), self._blocking()
-        )
 
-    def _max_inflight(self) -> int | None:
-        return None
+    def _scheduler(self, max_inflight: int | None, blocking: bool) -> BucketScheduler:
+        order = [fu.index for fu in reversed(_trainable(self.layout))]
+        expected = {fu.index: len(fu.params) for fu in _trainable(self.layout)}
+        return BucketScheduler(order, expected, self._launch, self._finish, max_inflight, blocking)
 
-    def _blocking(self) -> bool:
-        return True
+    def before_backward(self) -> None:
+        """Called by `engine.backward` before autograd runs."""
 
     def _on_grad(self, p: nn.Parameter) -> None:
         raise NotImplementedError
@@ -195,7 +140,7 @@ class _GradStore:
         raise NotImplementedError
 
 
-class LocalGrads(_GradStore):
+class _FullGrads(_GradStore):
     """Stages 0-1: full flat gradient buffers on every rank; `param.grad` are views into them."""
 
     def __init__(
@@ -208,10 +153,8 @@ class LocalGrads(_GradStore):
         group: comm.ProcessGroupInfo,
         stats: comm.CommStats,
         tracker: BackwardTracker,
-        reduce_in_backward: bool,
     ):
         self.group, self.stats, self._owned = group, stats, owned
-        self.reduce_in_backward = reduce_in_backward
         self.flats: dict[int, torch.Tensor] = {}
         self._views: dict[nn.Parameter, torch.Tensor] = {}
         for fu in _trainable(layout):
@@ -240,75 +183,11 @@ class LocalGrads(_GradStore):
         self.got_grad.add(p)
         if p.grad is not self._views[p]:
             self._relink(p)
-        if self.reduce_in_backward and self.sync:
-            self.scheduler.mark_ready(self._flat_of[p])
 
-    def _launch(self, index: int):
-        return (
-            comm.all_reduce(
-                self.flats[index],
-                group=self.group,
-                stats=self.stats,
-                async_op=True,
-                label=f"gradient all-reduce of bucket {index} (backward)",
-            ),
-        )
-
-    def _finish(self, index: int, launched) -> None:
-        launched[0].wait()
-
-    def end_backward(self) -> None:
+    def _relink_all(self) -> None:
         for p in self._views:
             if p.grad is not self._views[p]:
                 self._relink(p)
-        if self.reduce_in_backward and self.sync:
-            self.scheduler.flush()
-            self._unreduced = False
-        else:
-            self.scheduler.reset()
-            self._unreduced = True
-
-    def reduce_for_step(self) -> None:
-        """At the accumulation boundary: make each rank's owned slice the sum over ranks."""
-        if not self._unreduced:
-            return
-        if self.reduce_in_backward:  # stage 0 whose last backward ran under no_sync
-            for i, launched in [(i, self._launch(i)) for i in self.flats]:
-                self._finish(i, launched)
-        else:
-            # Two buckets in flight, so what gloo receives into is reused (fresh pages each
-            # step cost more than the reductions' overlap gains).
-            scratch, inflight = _BufferPool(keep=1), deque()
-            for fu in _trainable(self.layout):
-                lo, hi = self._owned(fu)
-                flat = self.flats[fu.index]
-                n = comm.reduce_scatter_scratch_numel(self.group, hi - lo, in_place=True)
-                if len(inflight) == 2:
-                    done, buf = inflight.popleft()
-                    done.wait()
-                    if buf is not None:
-                        scratch.give(buf)
-                buf = scratch.take(n, flat.dtype, flat.device) if n else None
-                inflight.append(
-                    (
-                        comm.reduce_scatter(
-                            flat[lo:hi],  # in place: the owned slice receives the sum
-                            flat,
-                            group=self.group,
-                            stats=self.stats,
-                            async_op=True,
-                            label=(
-                                f"gradient reduce-scatter of bucket {fu.index} (optimizer step)"
-                            ),
-                            tag=fu.index,
-                            scratch=buf,
-                        ),
-                        buf,
-                    )
-                )
-            for done, _ in inflight:
-                done.wait()
-        self._unreduced = False
 
     def local(self, fu: FlatUnit) -> torch.Tensor:
         lo, hi = self._owned(fu)
@@ -327,6 +206,128 @@ class LocalGrads(_GradStore):
         return list(self.flats.values())
 
 
+class AllReducedGrads(_FullGrads):
+    """Stage 0: every bucket is all-reduced from the gradient hooks as soon as it is ready."""
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
+        super().__init__(layout, params, **kw)
+        self._holds_sum = False  # the buffers hold a sum over ranks, reduced since zero()
+        self.scheduler = self._scheduler(None, True)
+
+    def before_backward(self) -> None:
+        # A backward onto an already-reduced sum (a second synchronised backward before the
+        # step, or one under no_sync after it): the next reduction would count that sum
+        # world_size times. Make it this rank's 1/N share of it first; DDP, which averages every
+        # reduction, counts each micro-step once too. Only this unusual path pays the pass.
+        if self._holds_sum:
+            if self.group.world_size > 1:
+                for flat in self.flats.values():
+                    flat.div_(self.group.world_size)
+            self._holds_sum = False
+            self._unreduced = True
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if self._holds_sum:
+            raise RuntimeError(
+                "hf_zero stage 0: a second backward before step() went through "
+                "loss.backward(); its gradients would add to the already all-reduced sum of "
+                "the first and count it world_size times. Call engine.backward(loss) (which "
+                "rescales that sum first), run the micro-steps before the last one under "
+                "engine.no_sync(), or call engine.step() in between"
+            )
+        super()._on_grad(p)
+        if self.sync:
+            self.scheduler.mark_ready(self._flat_of[p])
+
+    def _launch(self, index: int) -> comm.Pending:
+        return comm.all_reduce(
+            self.flats[index],
+            group=self.group,
+            stats=self.stats,
+            async_op=True,
+            label=f"gradient all-reduce of bucket {index} (backward)",
+        )
+
+    def _finish(self, index: int, launched: comm.Pending) -> None:
+        launched.wait()
+
+    def end_backward(self) -> None:
+        self._relink_all()
+        if self.sync:
+            self.scheduler.flush()
+            self._unreduced, self._holds_sum = False, True
+        else:
+            self.scheduler.reset()
+            self._unreduced = True
+
+    def reduce_for_step(self) -> None:
+        """At the accumulation boundary: all-reduce what was accumulated under no_sync."""
+        if self._unreduced:
+            for i, launched in [(i, self._launch(i)) for i in self.flats]:
+                self._finish(i, launched)
+        self._unreduced, self._holds_sum = False, False
+
+    def zero(self, set_to_none: bool = True) -> None:
+        super().zero(set_to_none)
+        self._holds_sum = False
+
+
+class StepReducedGrads(_FullGrads):
+    """Stage 1: nothing is sent in backward; each bucket is reduce-scattered at the step."""
+
+    def end_backward(self) -> None:
+        self._relink_all()
+        self._unreduced = True
+
+    def reduce_for_step(self) -> None:
+        """At the accumulation boundary: make each rank's owned slice the sum over ranks."""
+        if not self._unreduced:
+            return
+        # Two buckets in flight, so what gloo receives into is reused (fresh pages each step
+        # cost more than the reductions' overlap gains).
+        scratch, inflight = _BufferPool(keep=1), deque()
+        for fu in _trainable(self.layout):
+            lo, hi = self._owned(fu)
+            flat = self.flats[fu.index]
+            n = comm.reduce_scatter_scratch_numel(self.group, hi - lo, in_place=True)
+            if len(inflight) == 2:
+                done, buf = inflight.popleft()
+                done.wait()
+                if buf is not None:
+                    scratch.give(buf)
+            buf = scratch.take(n, flat.dtype, flat.device) if n else None
+            inflight.append(
+                (
+                    comm.reduce_scatter(
+                        flat[lo:hi],  # in place: the owned slice receives the sum
+                        flat,
+                        group=self.group,
+                        stats=self.stats,
+                        async_op=True,
+                        label=f"gradient reduce-scatter of bucket {fu.index} (optimizer step)",
+                        tag=fu.index,
+                        scratch=buf,
+                    ),
+                    buf,
+                )
+            )
+        for done, _ in inflight:
+            done.wait()
+        self._unreduced = False
+
+
+class _Reduction:
+    """One bucket's reduce-scatter in flight, and what its finish needs."""
+
+    __slots__ = ("handle", "out", "packed", "scratch")
+
+    def __init__(self, handle, out, packed, scratch):
+        self.handle, self.out, self.packed, self.scratch = handle, out, packed, scratch
+
+    def is_completed(self) -> bool:
+        return self.handle.is_completed()
+
+
 class ShardedGrads(_GradStore):
     """Stages 2-3: each rank holds its gradient shard; buckets are reduce-scattered in backward."""
 
@@ -340,15 +341,16 @@ class ShardedGrads(_GradStore):
         stats: comm.CommStats,
         tracker: BackwardTracker,
         max_inflight: int,
-        block_on_inflight: bool,
+        poll: bool,
         keep_shards: bool,
         on_unit_grads_done: Callable[[str], None] | None = None,
     ):
-        """`block_on_inflight`: see BucketScheduler (False at stage 3). `keep_shards`: see
-        `ZeroConfig.keep_grad_shards`. `on_unit_grads_done` (stage 3) is called when every
-        trainable parameter of a unit has its gradient."""
+        """`poll`: backward never blocks on a reduction, it retires those seen complete
+        (`StagePlan.poll_reductions`, stage 3). `keep_shards`: see `ZeroConfig.keep_grad_shards`.
+        `on_unit_grads_done` (stage 3) is called when every trainable parameter of a unit has
+        its gradient."""
         self.group, self.stats, self.dtype = group, stats, dtype
-        self.max_inflight, self.block_on_inflight = max_inflight, block_on_inflight
+        self.max_inflight, self.poll = max_inflight, poll
         self.keep_shards = keep_shards
         # 1D, shard_numel each, compute dtype. The first reduction after `zero()` writes the
         # shard (allocating it if `zero(set_to_none=True)` freed it, as torch frees `.grad`);
@@ -372,15 +374,12 @@ class ShardedGrads(_GradStore):
         # Bucket sizes still to launch this pass: a retired buffer is kept only for one of them.
         self._sizes_per_pass = Counter(fu.padded_numel for fu in _trainable(layout))
         self._sizes_to_come = Counter(self._sizes_per_pass)
+        self._pass_open = False  # a backward has put gradients on .grad and not finished
         super().__init__(layout, params, tracker)
-
-    def _max_inflight(self) -> int | None:
-        return self.max_inflight
-
-    def _blocking(self) -> bool:
-        return self.block_on_inflight
+        self.scheduler = self._scheduler(max_inflight, not poll)
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        self._pass_open = True
         self.tracker.enter()
         self.got_grad.add(p)
         index = self._flat_of[p]
@@ -419,10 +418,8 @@ class ShardedGrads(_GradStore):
             out = self.shards[index]
         else:
             out = self.shards[index] = packed.new_empty(hi - lo)
-        # Stage 3 never blocks on a bucket (BucketScheduler), so it polls for completion.
-        polled = not self.block_on_inflight
         n = comm.reduce_scatter_scratch_numel(
-            self.group, out.numel(), in_place=not fresh, polled=polled
+            self.group, out.numel(), in_place=not fresh, polled=self.poll
         )
         scratch = self._scratch.take(n, self.dtype, self._devices[index]) if n else None
         handle = comm.reduce_scatter(
@@ -434,12 +431,17 @@ class ShardedGrads(_GradStore):
             label=f"gradient reduce-scatter of bucket {index} (backward)",
             tag=index,
             scratch=scratch,
-            polled=polled,
+            polled=self.poll,
         )
-        return handle, None if fresh else out, packed, scratch
+        return _Reduction(handle, None if fresh else out, packed, scratch)
 
-    def _finish(self, index: int, launched) -> None:
-        handle, out, packed, scratch = launched
+    def _finish(self, index: int, launched: _Reduction) -> None:
+        handle, out, packed, scratch = (
+            launched.handle,
+            launched.out,
+            launched.packed,
+            launched.scratch,
+        )
         handle.wait()
         if out is not None:
             self.shards[index].add_(out)
@@ -453,6 +455,7 @@ class ShardedGrads(_GradStore):
 
     def end_backward(self) -> None:
         self.scheduler.flush()
+        self._pass_open = False
         self._buffers.clear()
         self._scratch.clear()
         self._sizes_to_come = Counter(self._sizes_per_pass)
@@ -481,6 +484,12 @@ class ShardedGrads(_GradStore):
         else:
             for s in self.shards.values():
                 s.zero_()
+        if self._pass_open:
+            # A backward refused or failed after some gradients accumulated left them on .grad
+            # (a complete one packs and frees them all).
+            for p in self._flat_of:
+                p.grad = None
+            self._pass_open = False
         self.got_grad.clear()
 
     def held_tensors(self) -> list[torch.Tensor]:

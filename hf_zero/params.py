@@ -17,7 +17,7 @@ modules (so calling `engine.module` directly, `generate` included, works):
      the next unit in the recorded forward order (prefetch);
   2. forward post-hook: release the unit; if its outputs need grad, hook them so that
   3. pre-backward (the first gradient reaching an output): gather the unit again, walking the
-     backward sequence that is the same on every rank (see the Note below), and prefetch the
+     backward sequence that is the same on every rank (`schedule.GatherSequence`), and prefetch the
      next unit of that sequence;
   4. post-backward: release once every trainable parameter of the unit has its gradient (the
      gradient store calls `on_unit_grads_done`), or at the end of backward.
@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import comm
 from .partition import ROOT_UNIT, FlatUnit, Layout
+from .schedule import GatherSequence
 
 __all__ = ["flatten_fp32", "ReplicatedParams", "ShardedParams", "UnitState"]
 
@@ -66,7 +67,7 @@ class ReplicatedParams:
         *,
         dtype: torch.dtype,
         owned: Callable[[FlatUnit], tuple[int, int]],
-        sharded_optimizer: bool,
+        gather_after_step: bool,
         group: comm.ProcessGroupInfo,
         stats: comm.CommStats,
     ):
@@ -78,7 +79,7 @@ class ReplicatedParams:
             stats,
         )
         self._owned = owned
-        self.sharded_optimizer = sharded_optimizer
+        self.gather_after_step = gather_after_step
         self.flats: list[torch.Tensor] = []
 
     def adopt(self, fu: FlatUnit, full32: torch.Tensor) -> None:
@@ -94,8 +95,8 @@ class ReplicatedParams:
 
     def publish(self, fus: list[FlatUnit]) -> None:
         """After the optimizer step: all-gather every rank's updated slice into the full buffer
-        (only when the optimizer is sharded; at stage 0 every rank updated all of it)."""
-        if not self.sharded_optimizer:
+        (`gather_after_step`: the optimizer is sharded; else every rank updated all of it)."""
+        if not self.gather_after_step:
             return
         pending = []
         for fu in fus:
@@ -155,12 +156,7 @@ class ShardedParams:
         self.unit_flats: dict[str, list[int]] = {u: [] for u in unit_modules}
         self.state = {u: UnitState.SHARDED for u in unit_modules}
         self._pending: dict[str, list[comm.Pending]] = {}
-        self._forward_order: list[str] = []
-        self._order_recorded = False
-        self._recording = False
-        self._backward_units: set[str] = set()  # units whose outputs need grad, since last backward
-        self._bwd_seq: list[str] | None = None  # this backward's gather sequence (see Note)
-        self._bwd_cursor = 0
+        self._sequence = GatherSequence(ROOT_UNIT, prefetch=prefetch)
         self._hooks = []
         for unit, module in unit_modules.items():
             self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
@@ -229,42 +225,20 @@ class ShardedParams:
             self.release(unit)
 
     # ---- hooks ----------------------------------------------------------------------------------
-    #
-    # [Note: one gather sequence on every rank]
-    # Collectives pair up by their position in the group's sequence, so every rank must issue the
-    # same all-gathers in the same order. Forward runs the same modules everywhere, so its order
-    # is fixed. Backward is not: which output gets its gradient first depends on the loss, and
-    # the loss may differ between ranks (a branch used on one rank only). So backward does not
-    # gather "whatever unit asks first". It walks one sequence, the same on every rank: the root,
-    # then the units in reverse forward order, keeping those whose outputs needed grad. A unit
-    # that asks is gathered together with every unit before it in the sequence; the next one is
-    # prefetched; and at the end of backward the units nobody asked for are gathered (and freed)
-    # too, so every rank has issued the whole sequence.
+    # The order of the gathers is `schedule.GatherSequence`'s: the same on every rank.
 
     def _make_pre_forward(self, unit: str):
         def hook(module, args):
-            if unit == ROOT_UNIT:
-                self._recording = not self._order_recorded
-            elif self._recording and unit not in self._forward_order:
-                self._forward_order.append(unit)
+            nxt = self._sequence.forward_start(unit)
             self.gather(unit)
-            if self.prefetch and self._order_recorded:
-                order = self._forward_order
-                nxt = (
-                    0
-                    if unit == ROOT_UNIT
-                    else (order.index(unit) + 1 if unit in order else len(order))
-                )
-                if nxt < len(order):
-                    self.gather(order[nxt], async_op=True, phase="forward prefetch")
+            if nxt is not None:
+                self.gather(nxt, async_op=True, phase="forward prefetch")
 
         return hook
 
     def _make_post_forward(self, unit: str):
         def hook(module, args, output):
-            if unit == ROOT_UNIT and self._recording:
-                self._recording = False
-                self._order_recorded = True
+            tensors = []
             if torch.is_grad_enabled():
                 tensors = [
                     t
@@ -273,8 +247,7 @@ class ShardedParams:
                 ]
                 for t in tensors:
                     t.register_hook(self._make_pre_backward(unit))
-                if tensors:
-                    self._backward_units.add(unit)
+            self._sequence.forward_end(unit, needs_grad=bool(tensors))
             self.release(unit)
             if unit == ROOT_UNIT:
                 # A prefetch past the last unit used, or a unit skipped this pass, must not
@@ -283,28 +256,13 @@ class ShardedParams:
 
         return hook
 
-    def _backward_sequence(self) -> list[str]:
-        order = [ROOT_UNIT] + self._forward_order[::-1]
-        order += sorted(u for u in self._backward_units if u not in order)
-        return [u for u in order if u in self._backward_units]
-
-    def _advance(self) -> str:
-        unit = self._bwd_seq[self._bwd_cursor]
-        self._bwd_cursor += 1
-        self.gather(unit, async_op=True, phase="backward")
-        return unit
-
     def _make_pre_backward(self, unit: str):
         def hook(grad):
-            if self._bwd_seq is None:
+            if not self._sequence.in_backward:
                 self._on_backward_start()
-                self._bwd_seq, self._bwd_cursor = self._backward_sequence(), 0
-            if unit in self._bwd_seq[self._bwd_cursor :]:
-                while self._advance() != unit:
-                    pass
-                if self.prefetch and self._bwd_cursor < len(self._bwd_seq):
-                    self._advance()
-            elif unit in self._bwd_seq and self.state[unit] is UnitState.SHARDED:
+            for u in self._sequence.backward_request(unit):
+                self.gather(u, async_op=True, phase="backward")
+            if self._sequence.walked(unit) and self.state[unit] is UnitState.SHARDED:
                 return  # walked and already released: its gradients are done this pass
             self.gather(unit, phase="backward")
 
@@ -316,11 +274,8 @@ class ShardedParams:
             self.release(unit)
 
     def end_backward(self) -> None:
-        if self._bwd_seq is None and self._backward_units:
-            # No output of this rank's units got a gradient, but other ranks' may have.
-            self._bwd_seq, self._bwd_cursor = self._backward_sequence(), 0
-        if self._bwd_seq is not None:
-            while self._bwd_cursor < len(self._bwd_seq):
-                self.release(self._advance())
-        self._bwd_seq, self._backward_units = None, set()
+        """Gather (and free) the units of the backward sequence this rank was not asked for."""
+        for unit in self._sequence.finish_backward():
+            self.gather(unit, async_op=True, phase="backward")
+            self.release(unit)
         self.release_all()

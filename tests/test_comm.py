@@ -7,11 +7,14 @@ own slice, or the other way round), for the bytes they count, and for the implem
 record; so are several reduce-scatters in flight at once with the caller's scratch. Values are
 small integers, so every sum is exact in fp32 and any wrong element shows.
 
-Also tier 1: the gradient store's buffer pool (`grads._BufferPool`), with no process group.
+Also tier 1: the gradient store's buffer pool (`grads._BufferPool`), with no process group;
+and the process group's own helpers (`default_world`, `init_process_group`,
+`destroy_process_group`), which scripts and integrations use instead of torch.distributed.
 """
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -189,3 +192,88 @@ def test_buffer_pool_keeps_at_most_keep_and_nothing_after_clear():
     pool.give(b)
     pool.clear()
     assert pool.take(4, torch.float32, torch.device("cpu")) is not b
+
+
+# ---- the process group: default_world, init_process_group, destroy_process_group ----------------
+
+
+def test_default_world_without_a_process_group():
+    assert comm.default_world() == comm.WorldInfo(False, 0, 1, None)
+    comm.destroy_process_group()  # a no-op when there is none
+    assert not comm.default_world().initialized
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"backend": "mpi"}, "backend must be one of gloo, nccl or None, got 'mpi'"),
+        (
+            {"timeout_s": float("inf")},
+            "timeout_s must be a number of seconds from 1 to 604800 (7 days) or None, got inf",
+        ),
+        (
+            {"timeout_s": 1e-9},
+            "timeout_s must be a number of seconds from 1 to 604800 (7 days) or None, got 1e-09",
+        ),
+    ],
+)
+def test_init_process_group_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        comm.init_process_group(**kwargs)
+    assert not comm.default_world().initialized
+
+
+def test_init_process_group_without_a_launcher_names_the_missing_variables(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "init_process_group needs the launcher's environment variables; RANK, WORLD_SIZE, "
+            "MASTER_PORT are not set. Start the script with torchrun or accelerate launch, or, "
+            "for one process, do not call it: the engine runs as world size 1 without a process "
+            "group"
+        )
+        + "$",
+    ):
+        comm.init_process_group()
+    assert not comm.default_world().initialized
+
+
+def _init_worker(rank, world_size, port):
+    import os
+
+    out = {"given": comm.default_world()}
+    comm.destroy_process_group()
+    out["destroyed"] = comm.default_world()
+    os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous: the first one's port is gone
+    out["joined"] = comm.init_process_group(timeout_s=60)
+    out["again"] = comm.init_process_group()  # already initialised: the world as it is
+    try:
+        comm.init_process_group("nccl")
+    except ValueError as e:
+        out["other_backend"] = str(e)
+    # The new world works: one engine-style collective over it.
+    group = comm.resolve_group(None)
+    t = torch.tensor([float(rank + 1)])
+    comm.all_reduce(t, group=group, stats=comm.CommStats())
+    out["sum"] = t.item()
+    return out
+
+
+def test_init_process_group_joins_the_launchers_world_from_the_environment():
+    from tests.helpers.dist import find_free_port
+
+    results = run_distributed(_init_worker, 2, find_free_port(), timeout=120)
+    for rank, out in enumerate(results):
+        assert out["given"] == comm.WorldInfo(True, rank, 2, "gloo")
+        assert out["destroyed"] == comm.WorldInfo(False, 0, 1, None)
+        assert out["joined"] == out["again"] == comm.WorldInfo(True, rank, 2, "gloo")
+        assert out["other_backend"] == (
+            f"torch.distributed is already initialised with backend 'gloo' (rank {rank} of 2), "
+            "not 'nccl'; call destroy_process_group() first, or pass backend=None to join it as "
+            "it is"
+        )
+        assert out["sum"] == 3.0

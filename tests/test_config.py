@@ -16,7 +16,8 @@ import yaml
 from hf_zero.config import MIXED_PRECISION_CHOICES, STAGES, ZeroConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+# The engine's configs; configs/ also holds launch configs for `accelerate launch`.
+CONFIG_FILES = sorted((REPO / "configs").glob("zero*.yaml"))
 FIELDS = [f.name for f in dataclasses.fields(ZeroConfig)]
 ALLOWED_KEYS = ", ".join(FIELDS)
 
@@ -41,7 +42,7 @@ def test_defaults():
     assert cfg.prefetch is True
     assert cfg.max_inflight_reductions == 2
     assert cfg.keep_grad_shards is None  # kept at stage 2, freed at stage 3
-    # DESIGN.md §4: fp16 scaler starts at 2^16, grows every 2000 steps, backs off by 0.5.
+    # The fp16 scaler starts at 2^16, grows every 2000 steps, backs off by 0.5.
     assert cfg.initial_loss_scale == 2.0**16
     assert cfg.loss_scale_growth_interval == 2000
     assert cfg.loss_scale_backoff_factor == 0.5
@@ -163,12 +164,60 @@ def test_bad_gradient_clipping(value):
         ZeroConfig(gradient_clipping=value)
 
 
-@pytest.mark.parametrize("value", [0, -1.0, "65536", True, None])
+@pytest.mark.parametrize("value", [0, -1.0, "65536", True, None, float("inf"), float("nan")])
 def test_bad_initial_loss_scale(value):
     with pytest.raises(
-        ValueError, match=re.escape(f"initial_loss_scale must be > 0, got {value!r}")
+        ValueError, match=re.escape(f"initial_loss_scale must be finite and > 0, got {value!r}")
     ):
         ZeroConfig(initial_loss_scale=value)
+
+
+@pytest.mark.parametrize(
+    "value", [float("inf"), 1e300, 1e-9, 0.5, 0, -1.0, float("nan"), True, "600", None, 604801]
+)
+def test_collective_timeout_outside_the_allowed_range_is_refused(value):
+    expected = (
+        f"collective_timeout_s must be a number of seconds from 1 to 604800 (7 days), got {value!r}"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        ZeroConfig(collective_timeout_s=value)
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 3.0, 600, 604800])
+def test_collective_timeout_in_range_is_accepted(value):
+    assert ZeroConfig(collective_timeout_s=value).collective_timeout_s == value
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen
+
+
+def test_assigning_a_field_raises_naming_dataclasses_replace():
+    cfg = ZeroConfig(stage=2)
+    with pytest.raises(
+        dataclasses.FrozenInstanceError,
+        match=re.escape(
+            "ZeroConfig is frozen: cannot assign stage=4 (it would skip validation); build a "
+            "changed copy with dataclasses.replace(config, stage=4)"
+        ),
+    ):
+        cfg.stage = 4  # type: ignore[misc]
+    assert cfg.stage == 2
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot delete 'stage'"):
+        del cfg.stage  # type: ignore[misc]
+
+
+def test_dataclasses_replace_validates_the_copy():
+    cfg = ZeroConfig(stage=2, mixed_precision="bf16")
+    assert dataclasses.replace(cfg, stage=3) == ZeroConfig(stage=3, mixed_precision="bf16")
+    with pytest.raises(ValueError, match=re.escape("stage must be 0, 1, 2 or 3, got 4")):
+        dataclasses.replace(cfg, stage=4)
+
+
+def test_a_config_is_hashable_and_compares_by_value():
+    assert dataclasses.is_dataclass(ZeroConfig) and ZeroConfig.__dataclass_params__.frozen
+    assert ZeroConfig(stage=1) == ZeroConfig(stage=1) != ZeroConfig(stage=2)
+    assert hash(ZeroConfig(stage=1)) == hash(ZeroConfig(stage=1))
 
 
 @pytest.mark.parametrize("value", [1, 1.0, 0.5, -2, True, "2"])

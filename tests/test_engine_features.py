@@ -1,6 +1,10 @@
 """Tier 3: what every stage must also handle (issue #2): frozen parameters, parameters that get
 no gradient in a step (on one rank only), many small gradient buckets, configurable units, and
-stage 3 used through the raw model (eval, generate with synced_gpus)."""
+stage 3 used through the raw model (eval, generate with synced_gpus).
+
+Each training comparison checks the pre-clip gradient norm of every step against the single-process
+reference's `clip_grad_norm_` return as well as the weights: clipping at 1.0 followed by AdamW
+cancels a wrong gradient scale, so the weights alone would not show one."""
 
 from __future__ import annotations
 
@@ -11,18 +15,24 @@ import hf_zero
 from hf_zero.params import UnitState
 from tests.helpers.dist import run_distributed
 from tests.parity_cases import (
+    MIXED_NORM_RTOL,
+    MIXED_UPDATE_RTOL,
     PER_RANK,
     global_batch,
+    initial_state,
     make_model,
     max_weight_diff,
     param_groups,
     rank_slice,
+    rel_diff,
     run_engine,
     run_reference,
+    update_error,
 )
 
 STEPS = 4
 WEIGHT_ATOL = 2e-5
+NORM_RTOL = 1e-5
 
 
 # ---- frozen parameters ---------------------------------------------------------------------
@@ -39,11 +49,12 @@ def _frozen_worker(rank, world_size):
     original = pc.make_model
     pc.make_model = lambda kind, seed=0: _freeze(original(kind, seed))
     try:
-        ref_losses, _, ref_sd = run_reference("gpt2", STEPS, world_size)
+        ref_losses, ref_norms, ref_sd = run_reference("gpt2", STEPS, world_size)
+        initial = initial_state("gpt2")
         rows = []
         for stage in range(4):
             for mixed in ("no", "bf16"):
-                engine, losses, _ = run_engine(
+                engine, losses, norms = run_engine(
                     "gpt2",
                     STEPS,
                     rank,
@@ -52,12 +63,18 @@ def _frozen_worker(rank, world_size):
                 )
                 full = engine.full_state_dict()
                 frozen_grad = engine.module.transformer.wpe.weight.grad
-                row = {"stage": stage, "mixed": mixed, "frozen_grad_is_none": frozen_grad is None}
+                row = {
+                    "stage": stage,
+                    "mixed": mixed,
+                    "frozen_grad_is_none": frozen_grad is None,
+                    "norm": rel_diff(ref_norms, norms),
+                }
                 if rank == 0:
                     row["frozen_exact"] = torch.equal(
                         full["transformer.wpe.weight"], ref_sd["transformer.wpe.weight"]
                     )
                     row["weights"] = max_weight_diff(full, ref_sd)
+                    row["update"] = update_error(full, ref_sd, initial)
                     row["loss"] = max(abs(a - b) / a for a, b in zip(ref_losses, losses))
                 rows.append(row)
         return rows
@@ -69,12 +86,18 @@ def test_frozen_parameters_are_kept_exact_and_untrained():
     for rank_rows in run_distributed(_frozen_worker, 2, timeout=600):
         for r in rank_rows:
             assert r["frozen_grad_is_none"], r
+            if r["mixed"] == "no":
+                assert r["norm"] <= NORM_RTOL, r
+            else:
+                assert r["norm"] <= MIXED_NORM_RTOL[r["mixed"]], r
             if "weights" in r:
                 # The frozen embedding stays bit-exact, bf16 included (its fp32 master is kept).
                 assert r["frozen_exact"], r
                 if r["mixed"] == "no":
                     assert r["weights"] <= WEIGHT_ATOL, r
                     assert r["loss"] <= 1e-5, r
+                else:
+                    assert r["update"] <= MIXED_UPDATE_RTOL[r["mixed"]], r
 
 
 # ---- parameters with no gradient, many buckets ------------------------------------------------
@@ -110,6 +133,7 @@ def _rank_loss(out, rank: int, pooler_on: str):
 def _unused_worker(rank, world_size, stages, bucket_size, pooler_on):
     ref = _bert_base()
     ref_opt = torch.optim.AdamW(param_groups(ref), lr=1e-3)
+    ref_norms = []
     for step in range(STEPS):
         batch = global_batch("bert", step, 0, world_size)
         out = ref(input_ids=batch["input_ids"])
@@ -121,7 +145,7 @@ def _unused_worker(rank, world_size, stages, bucket_size, pooler_on):
             )
             loss = loss + _rank_loss(part, r, pooler_on) / world_size
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0).item())
         ref_opt.step()
         ref_opt.zero_grad()
     ref_sd = ref.state_dict()
@@ -134,13 +158,19 @@ def _unused_worker(rank, world_size, stages, bucket_size, pooler_on):
             opt,
             config=hf_zero.ZeroConfig(stage=stage, bucket_size=bucket_size, gradient_clipping=1.0),
         )
+        norms = []
         for step in range(STEPS):
             batch = rank_slice(global_batch("bert", step, 0, world_size), rank)
             engine.backward(_rank_loss(engine(input_ids=batch["input_ids"]), rank, pooler_on))
             engine.step()
+            norms.append(engine.grad_norm.item())  # pre-clip (the config clips inside step)
             engine.zero_grad()
         full = engine.full_state_dict()
-        row = {"stage": stage, "flats": len(engine.layout.flat_units)}
+        row = {
+            "stage": stage,
+            "flats": len(engine._layout.flat_units),
+            "norm": rel_diff(ref_norms, norms),
+        }
         if rank == 0:
             row["weights"] = max_weight_diff(full, ref_sd)
             row["pooler_unchanged"] = torch.equal(
@@ -158,7 +188,10 @@ def test_parameters_without_gradient(bucket_size, pooler_on):
     # backward runs, in an order that waits for the pooler's bucket, which on rank 1 never gets
     # ready; the default packs everything in 2 buckets.
     results = run_distributed(_unused_worker, 2, [0, 1, 2, 3], bucket_size, pooler_on, timeout=600)
+    for r in results[1]:
+        assert r["norm"] <= NORM_RTOL, r
     for r in results[0]:
+        assert r["norm"] <= NORM_RTOL, r
         assert r["weights"] <= WEIGHT_ATOL, r
         assert r["pooler_unchanged"] is (pooler_on == "none"), r
         if r["stage"] < 3:
@@ -175,7 +208,7 @@ def _stage3_raw_worker(rank, world_size):
         model, torch.optim.AdamW(param_groups(model), lr=1e-3), config=hf_zero.ZeroConfig(stage=3)
     )
     out = {}
-    params = engine.params_store
+    params = engine._params_store
     out["all_sharded_at_start"] = all(s is UnitState.SHARDED for s in params.state.values())
     out["param_bytes_sharded"] = engine.memory_stats()["param_bytes"]
     out["num_parameters"] = (
@@ -224,10 +257,10 @@ def test_stage3_eval_and_generate_through_the_raw_model():
 
 
 def _units_worker(rank, world_size):
-    ref_losses, _, ref_sd = run_reference("gpt2", STEPS, world_size)
+    ref_losses, ref_norms, ref_sd = run_reference("gpt2", STEPS, world_size)
     rows = []
     for units, prefetch in ((["GPT2Attention", "GPT2MLP"], True), (None, False)):
-        engine, losses, _ = run_engine(
+        engine, losses, norms = run_engine(
             "gpt2",
             STEPS,
             rank,
@@ -237,9 +270,10 @@ def _units_worker(rank, world_size):
         full = engine.full_state_dict()  # collective: every rank calls it
         rows.append(
             {
-                "units": engine.layout.units(),
+                "units": engine._layout.units(),
                 "weights": max_weight_diff(full, ref_sd) if rank == 0 else 0.0,
                 "loss": max(abs(a - b) / a for a, b in zip(ref_losses, losses)),
+                "norm": rel_diff(ref_norms, norms),
             }
         )
     return rows
@@ -258,3 +292,4 @@ def test_stage3_units_are_configurable_and_prefetch_is_optional():
     assert default["units"] == ["", "transformer.h.0", "transformer.h.1"], default
     for r in rows:
         assert r["weights"] <= WEIGHT_ATOL and r["loss"] <= 1e-5, r
+        assert r["norm"] <= NORM_RTOL, r

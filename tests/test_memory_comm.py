@@ -64,7 +64,7 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
         engine.zero_grad()
         freed = engine.memory_stats()["grad_bytes"]
         moved = {k: after.get(k, 0) - before.get(k, 0) for k in after if k != "total"}
-        layout = engine.layout
+        layout = engine._layout
         rows.append(
             {
                 "stage": stage,
@@ -75,12 +75,12 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
                 "padded": sum(f.padded_numel for f in layout.flat_units if f.trainable),
                 "flats": len(layout.flat_units),
                 "opt_params": sum(len(g["params"]) for g in engine.optimizer.param_groups),
-                "params": len(engine.sharded_optimizer.trainable_specs()),
+                "params": len(engine._sharded_optimizer.trainable_specs()),
                 "memory": memory,
                 "grad_bytes_zeroed": kept,
                 "grad_bytes_set_to_none": freed,
                 "moved": moved,
-                "paths": dict(engine.stats.paths),
+                "paths": dict(engine._stats.paths),
             }
         )
     return rows

@@ -4,9 +4,12 @@ hyperparameters, and LR schedulers keep working on `engine.optimizer` (DESIGN.md
 Tiny GPT-2, 2 ranks, 6 steps of accumulation 2, clipping at 1.0, fp32, against the same optimizer
 (and scheduler) in one process on the global batch, as tests/test_parity.py does for AdamW. Each
 case gives its two param groups different hyperparameters, so a group that lost its settings
-shows. Per case and stage: losses 1e-5 relative at every micro-step, final weights 2e-5 absolute,
-the lr of every group before every step equal to the reference's, the groups' hyperparameters
-and optimizer-state keys equal at the end, and `engine.optimizer is` the optimizer passed in.
+shows. Per case and stage: losses 1e-5 relative at every micro-step, the pre-clip gradient norm
+1e-5 relative at every step (clipping hides a wrong gradient scale from the weights), final
+weights 2e-5 absolute, the lr of every group before every step equal to the reference's, the
+groups' hyperparameters and optimizer-state keys equal at the end, and `engine.optimizer is` the
+optimizer passed in. One case, plain SGD without clipping, moves every weight by lr times its
+gradient, so a wrong gradient scale or learning rate shows in the weights themselves.
 
 One `run_distributed` call trains every case; the tests assert on its table.
 """
@@ -32,9 +35,11 @@ STEPS = 6
 CLIP = 1.0
 STAGES = (1, 2, 3)
 LOSS_RTOL = 1e-5
+NORM_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
 
 CASES = (
+    "sgd_unclipped",
     "sgd_nesterov",
     "adagrad",
     "rmsprop",
@@ -44,6 +49,7 @@ CASES = (
     "adamw_explicit_for_loop",
 )
 CASE_CLASSES = {
+    "sgd_unclipped": torch.optim.SGD,
     "sgd_nesterov": torch.optim.SGD,
     "adagrad": torch.optim.Adagrad,
     "rmsprop": torch.optim.RMSprop,
@@ -53,6 +59,7 @@ CASE_CLASSES = {
     "adamw_explicit_for_loop": torch.optim.AdamW,
 }
 SCHEDULED = ("adamw_linear_warmup", "lambdalr_before_initialize")
+UNCLIPPED = ("sgd_unclipped",)
 
 
 def _groups(model: torch.nn.Module) -> tuple[list, list]:
@@ -65,7 +72,9 @@ def _groups(model: torch.nn.Module) -> tuple[list, list]:
 def _make_optimizer(case: str, model: torch.nn.Module):
     """(optimizer, scheduler built before initialize or None)."""
     decay, no_decay = _groups(model)
-    if case == "sgd_nesterov":
+    if case == "sgd_unclipped":  # the update is -lr * grad, nothing else
+        opt = torch.optim.SGD([{"params": decay}, {"params": no_decay, "lr": 0.05}], lr=0.1)
+    elif case == "sgd_nesterov":
         opt = torch.optim.SGD(
             [
                 {"params": decay, "weight_decay": 1e-2},
@@ -146,13 +155,14 @@ def _train_reference(case: str) -> dict:
     model = make_model("gpt2")
     opt, sched = _make_optimizer(case, model)
     sched = sched or _make_late_scheduler(case, opt)
-    losses, lrs = [], []
+    clip = float("inf") if case in UNCLIPPED else CLIP  # an infinite max_norm only measures
+    losses, lrs, norms = [], [], []
     for step in range(STEPS):
         for micro in range(ACCUM):
             loss = model(**global_batch("gpt2", step, micro, WORLD_SIZE)).loss
             (loss / ACCUM).backward()
             losses.append(loss.item())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         lrs.append([g["lr"] for g in opt.param_groups])
         opt.step()
         if sched is not None:
@@ -161,6 +171,7 @@ def _train_reference(case: str) -> dict:
     return {
         "losses": losses,
         "lrs": lrs,
+        "norms": norms,
         "hyper": _hyperparameters(opt),
         "state_keys": _state_keys(opt),
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -173,7 +184,7 @@ def _train_engine(case: str, stage: int, rank: int) -> tuple[hf_zero.ZeroEngine,
     engine = hf_zero.initialize(model, opt, config=hf_zero.ZeroConfig(stage=stage))
     same_object = engine.optimizer is opt
     sched = sched or _make_late_scheduler(case, engine.optimizer)
-    losses, lrs = [], []
+    losses, lrs, norms = [], [], []
     for step in range(STEPS):
         for micro in range(ACCUM):
             batch = rank_slice(global_batch("gpt2", step, micro, WORLD_SIZE), rank)
@@ -184,15 +195,18 @@ def _train_engine(case: str, stage: int, rank: int) -> tuple[hf_zero.ZeroEngine,
             mean = loss.detach().float().clone()
             dist.all_reduce(mean)
             losses.append(mean.item() / WORLD_SIZE)
-        engine.clip_grad_norm_(CLIP)
+        if case not in UNCLIPPED:
+            engine.clip_grad_norm_(CLIP)
         lrs.append([g["lr"] for g in engine.optimizer.param_groups])
         engine.step()
+        norms.append(engine.grad_norm.item())  # pre-clip, also when the engine did not clip
         if sched is not None:
             sched.step()
         engine.zero_grad()
     return engine, {
         "losses": losses,
         "lrs": lrs,
+        "norms": norms,
         "hyper": _hyperparameters(engine.optimizer),
         "kernels": _kernels(engine.optimizer),
         "state_keys": _state_keys(engine.optimizer),
@@ -219,6 +233,7 @@ def _optimizers_worker(rank: int, world_size: int, cases, stages) -> dict:
                 full = engine.full_state_dict()
                 row = {
                     "loss": _rel(ref["losses"], got["losses"]),
+                    "norm": _rel(ref["norms"], got["norms"]),
                     "lrs": got["lrs"],
                     "ref_lrs": ref["lrs"],
                     "hyper": got["hyper"],
@@ -254,6 +269,7 @@ def test_optimizer_matches_single_process(results, case, stage):
         assert "error" not in r, f"rank {rank} failed:\n{r['error']}"
         assert r["same_object"], "engine.optimizer is not the optimizer passed to initialize"
         assert r["loss"] <= LOSS_RTOL, f"rank {rank}: loss rel diff {r['loss']:.3g}"
+        assert r["norm"] <= NORM_RTOL, f"rank {rank}: grad norm rel diff {r['norm']:.3g}"
         assert r["lrs"] == r["ref_lrs"], f"rank {rank}: lr per step {r['lrs']} != {r['ref_lrs']}"
         assert r["hyper"] == r["ref_hyper"]
         # The reference steps with torch's default CPU kernel (a for-loop); the engine picks the

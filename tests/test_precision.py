@@ -1,5 +1,11 @@
 """Tier 3: bf16 and fp16 track the fp32 single-process run; an fp16 overflow on ONE rank makes
-every rank skip the step together and back off the loss scale."""
+every rank skip the step together and back off the loss scale.
+
+Tracking is checked on the three things a wrong engine would change: the loss at every micro-step,
+the pre-clip gradient norm at every step (clipping plus Adam hide a wrong gradient scale from the
+weights), and the final fp32 master weights by `update_error` against the fp32 run, with the
+tolerances of tests/parity_cases.py. The same measure on an fp32 run at half the learning rate
+must fail, so the weight tolerance keeps its power to see a wrong update."""
 
 from __future__ import annotations
 
@@ -9,47 +15,69 @@ import torch
 import hf_zero
 from tests.helpers.dist import run_distributed
 from tests.parity_cases import (
+    MIXED_NORM_RTOL,
+    MIXED_UPDATE_RTOL,
     global_batch,
+    initial_state,
     make_model,
     param_groups,
     rank_slice,
+    rel_diff,
     run_engine,
     run_reference,
+    update_error,
 )
 
 STEPS = 6
 
 
 def _track_worker(rank: int, world_size: int, mixed: str) -> list[dict]:
-    ref_losses, _, _ = run_reference("gpt2", STEPS, world_size)
+    ref_losses, ref_norms, ref_sd = run_reference("gpt2", STEPS, world_size)
+    initial = initial_state("gpt2")
     rows = []
     for stage in range(4):
         config = hf_zero.ZeroConfig(stage=stage, mixed_precision=mixed, initial_loss_scale=2.0**10)
-        engine, losses, _ = run_engine("gpt2", STEPS, rank, world_size, config)
+        engine, losses, norms = run_engine("gpt2", STEPS, rank, world_size, config)
+        full = engine.full_state_dict()  # the fp32 masters, on rank 0
         dtypes = {p.dtype for p in engine.module.parameters()}
-        master_dtypes = {m.dtype for m in engine.sharded_optimizer.masters.values()}
+        master_dtypes = {m.dtype for m in engine._sharded_optimizer.masters.values()}
         rows.append(
             {
                 "stage": stage,
-                "rel": max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses)),
+                "rel": rel_diff(ref_losses, losses),
+                "norm": rel_diff(ref_norms, norms),
+                "update": update_error(full, ref_sd, initial) if rank == 0 else None,
                 "skipped": engine.skipped_steps,
                 "dtypes": dtypes,
                 "master_dtypes": master_dtypes,
             }
         )
+    if rank == 0:
+        # The control: fp32 at lr / 2 against fp32 at lr, on the same measure.
+        _, _, half_sd = run_reference("gpt2", STEPS, world_size, lr=5e-4)
+        rows.append({"stage": "fp32 at lr / 2", "update": update_error(half_sd, ref_sd, initial)})
     return rows
 
 
 @pytest.mark.parametrize("mixed,tol", [("bf16", 2e-3), ("fp16", 2e-4)])
 def test_mixed_precision_tracks_fp32(mixed, tol):
     want = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed]
-    for rank_rows in run_distributed(_track_worker, 2, mixed, timeout=600):
+    norm_tol, update_tol = MIXED_NORM_RTOL[mixed], MIXED_UPDATE_RTOL[mixed]
+    results = run_distributed(_track_worker, 2, mixed, timeout=600)
+    control = results[0].pop()
+    print("\n".join(str(r) for rows in results for r in rows), "\n", control)
+    # lr / 2 scores 0.51 here: it would fail the weight check by a wide margin.
+    assert control["update"] > 2 * update_tol, control
+    for rank_rows in results:
         for r in rank_rows:
             assert r["dtypes"] == {want}, r
             assert r["master_dtypes"] == {torch.float32}, r
             assert r["skipped"] == 0, r
             # Close to fp32, but not equal: the low-precision compute is really in use.
             assert 0 < r["rel"] <= tol, r
+            assert 0 < r["norm"] <= norm_tol, r
+            if r["update"] is not None:
+                assert 0 < r["update"] <= update_tol, r
 
 
 def _overflow_worker(rank: int, world_size: int) -> list[dict]:
@@ -74,7 +102,7 @@ def _overflow_worker(rank: int, world_size: int) -> list[dict]:
         norm = engine.clip_grad_norm_(1.0)  # reduces the grads; the norm is global
         local_finite = all(
             bool(torch.isfinite(m.grad).all())
-            for m in engine.sharded_optimizer.masters.values()
+            for m in engine._sharded_optimizer.masters.values()
             if m.grad is not None
         )
         applied = engine.step()
@@ -92,7 +120,7 @@ def _overflow_worker(rank: int, world_size: int) -> list[dict]:
                 "stage": stage,
                 "applied": applied,
                 "unchanged": unchanged,
-                "scale": engine.scaler.scale,
+                "scale": engine._scaler.scale,
                 "applied_next": applied_next,
                 "skipped": engine.skipped_steps,
                 "local_finite_before_step": local_finite,

@@ -19,6 +19,8 @@ are in `checkpoint_faults`:
    param-group layout): every rank raises ValueError naming the first difference and the ranks.
 4. non-finite gradient without a loss scaler: every rank raises naming the optimizer step, or
    with nonfinite_grads="skip" every rank skips it with a warning, weights untouched.
+5. misuse of the training loop (MISUSES): each either does what torch/DDP does or raises, on
+   every rank, an error that names the fix.
 
 "Raised" stands for "exits non-zero": the workers catch the error to time and report it, where a
 training script would let it end the process.
@@ -55,7 +57,9 @@ __all__ = [
     "stalled_rank",
     "disagreement",
     "nonfinite_grads",
+    "misuse",
     "DISAGREEMENTS",
+    "MISUSES",
     "TIMEOUT_S",
     "STALL_S",
     "MARGIN_S",
@@ -515,4 +519,178 @@ def nonfinite_grads(
                 record.message = first_line(said[0])
             if not o.detail[1][2]:
                 record.problems.append(f"rank {o.rank}'s weights changed in the skipped step")
+    return records
+
+
+# ---- 5. misuse of the training loop -------------------------------------------------------------
+
+MISUSES = {
+    "accumulate-synced": "two backward() before step() without no_sync",
+    "no-zero-grad": "backward after step() without zero_grad()",
+    "idle-step": "step() with no backward since the last step",
+    "double-clip": "clip_grad_norm_ twice in one step",
+    "torch-clip": "torch.nn.utils.clip_grad_norm_ on the engine's parameters",
+    "initialize-twice": "hf_zero.initialize twice on one model",
+    "odd-dtypes": "frozen int64 (2**25+1) and float64 parameters",
+    "save-pretrained": "model.save_pretrained on the engine's model",
+    "fp16-nan": "fp16 with a NaN loss every step",
+}
+
+
+def _misuse_case(case, rank, world_size, stage):
+    """Run one misuse; returns (outcome, detail): "raised" with the error, or "finished" with
+    what the engine did instead (compared with torch by the parent)."""
+    if case == "fp16-nan":
+        engine = make_engine(stage, mixed="fp16")
+        caught_all = []
+        for step in range(60):
+            loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
+            engine.backward(loss * float("nan"))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()  # raises FloatingPointError before the scale underflows
+            caught_all += [str(w.message) for w in caught if "loss scale" in str(w.message)]
+            engine.zero_grad()
+        return "finished", caught_all
+    engine = make_engine(stage)
+    model = engine.module
+
+    def loss(step=0, micro=0):
+        return engine(**rank_slice(global_batch("gpt2", step, micro, world_size), rank)).loss
+
+    if case == "accumulate-synced":
+        engine.backward(loss(0, 0) / 2)
+        engine.backward(loss(0, 1) / 2)  # no no_sync around the first
+        return "finished", engine.clip_grad_norm_(1e9).item()
+    if case == "no-zero-grad":
+        train_step(engine, rank, world_size, 0)
+        engine.step()  # a second step: nothing to apply
+        engine.backward(loss(1))
+        engine.step()
+        engine.backward(loss(2))  # raises: zero_grad() was forgotten
+        return "finished", None
+    if case == "idle-step":
+        applied = engine.step()
+        return "finished", (applied, engine.global_steps, len(engine.optimizer.state))
+    if case == "double-clip":
+        engine.backward(loss())
+        return "finished", [engine.clip_grad_norm_(1.0).item() for _ in range(2)]
+    if case == "torch-clip":
+        engine.backward(loss())
+        return "finished", torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+    if case == "initialize-twice":
+        hf_zero.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        return "finished", None
+    if case == "odd-dtypes":
+        fresh = make_model("gpt2")
+        big = torch.tensor([2**25 + 1], dtype=torch.int64)
+        fresh.register_parameter("counter", torch.nn.Parameter(big, requires_grad=False))
+        third = torch.tensor([1 / 3], dtype=torch.float64)
+        fresh.register_parameter("third", torch.nn.Parameter(third, requires_grad=False))
+        odd = hf_zero.initialize(
+            fresh,
+            torch.optim.AdamW(param_groups(fresh), lr=1e-3),
+            config=hf_zero.ZeroConfig(stage=stage),
+        )
+        train_step(odd, rank, world_size, 0)
+        sd = odd.full_state_dict(all_ranks=True)
+        return "finished", (torch.equal(sd["counter"], big) and torch.equal(sd["third"], third))
+    if case == "save-pretrained":
+        with tempfile.TemporaryDirectory(prefix="hf_zero-misuse-") as tmp:
+            model.save_pretrained(tmp)
+        return "finished", None
+    raise ValueError(f"unknown misuse {case!r}; known: {', '.join(MISUSES)}")
+
+
+def _misuse_worker(rank, world_size, cases, stages):
+    rows = []
+    for case in cases:
+        for stage in stages:
+            t0 = time.monotonic()
+            try:
+                _, detail = _misuse_case(case, rank, world_size, stage)
+                rows.append(finished_outcome(rank, t0, detail))
+            except Exception as e:
+                rows.append(raised_outcome(rank, e, t0))
+    return rows
+
+
+def _as_torch(case: str, got, accumulated: float, clips: list[float]) -> bool:
+    if case == "accumulate-synced":
+        return abs(got - accumulated) <= 1e-5 * accumulated
+    if case == "idle-step":
+        return got == (False, 0, 0)
+    if case == "double-clip":
+        return all(abs(a - b) <= 1e-5 * b for a, b in zip(got, clips))
+    if case == "odd-dtypes":
+        return got is True
+    return case == "save-pretrained"  # stages 0-2: the model's own, as before
+
+
+def _reference_norms(world_size):
+    """Single-process torch on the same global batch: the accumulated norm, the two clips."""
+    model = make_model("gpt2")
+    for micro in range(2):
+        (model(**global_batch("gpt2", 0, micro, world_size)).loss / 2).backward()
+    accumulated = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+    model.zero_grad()
+    model(**global_batch("gpt2", 0, 0, world_size)).loss.backward()
+    clips = [torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item() for _ in range(2)]
+    return accumulated, clips
+
+
+def misuse(
+    cases: Iterable[str] = tuple(MISUSES),
+    stages: Iterable[int] = (0, 1, 2, 3),
+    *,
+    world_size: int = 2,
+) -> list[FaultRecord]:
+    """Each misuse of `cases` at each of `stages`, all in one job. What is required: the outcome
+    torch/DDP gives (accumulation counts each micro-step once; an idle step changes nothing; a
+    second clip returns the clipped norm; frozen odd dtypes stay exact), or an error on every
+    rank that names the fix (the rest; `save-pretrained` only at stage 3, where the parameters
+    are shards)."""
+    cases, stages = list(cases), list(stages)
+    records = [
+        FaultRecord(f"misuse: {MISUSES[case]}", stage, world_size)
+        for case in cases
+        for stage in stages
+    ]
+    results, error = run_job(
+        _misuse_worker, world_size, cases, stages, timeout=120 + 60 * len(records)
+    )
+    if error is not None:
+        return [job_failed(record, error) for record in records]
+    accumulated, clips = _reference_norms(world_size)
+    expect_error = {
+        "no-zero-grad": ("RuntimeError", "Call engine.zero_grad()"),
+        "torch-clip": ("RuntimeError", "Call engine.clip_grad_norm_(max_norm)"),
+        "initialize-twice": ("ValueError", "Keep using the first engine"),
+        "save-pretrained": ("RuntimeError", "engine.export(output_dir)"),
+        "fp16-nan": ("FloatingPointError", "cannot back off further"),
+    }
+    for i, record in enumerate(records):
+        case, stage = cases[i // len(stages)], stages[i % len(stages)]
+        record.ranks = [rows[i] for rows in results]
+        if case in expect_error and (case != "save-pretrained" or stage == 3):
+            error_type, fix = expect_error[case]
+            check_survivors(record, error_type)
+            for o in record.ranks:
+                if o.status == "raised" and fix not in o.message:
+                    record.problems.append(f"rank {o.rank}'s error does not say {fix!r}")
+            continue
+        for o in record.ranks:
+            if o.status != "finished":
+                record.problems.append(
+                    f"rank {o.rank} raised {o.error_type}: {first_line(o.message)}"
+                )
+            elif not _as_torch(case, o.detail, accumulated, clips):
+                record.problems.append(f"rank {o.rank} got {o.detail!r}, torch gives otherwise")
+        record.message = {
+            "accumulate-synced": f"as DDP: pre-clip norm {accumulated:.6g}, each micro-step once",
+            "idle-step": "as torch: a no-op, returns False, counts nothing",
+            "double-clip": f"as torch: {clips[0]:.6g}, then {clips[1]:.6g}",
+            "odd-dtypes": "kept whole and bit-exact on every rank",
+            "save-pretrained": "the model's own save_pretrained (full parameters)",
+        }[case]
     return records
