@@ -153,13 +153,17 @@ def test_manifest_cannot_point_outside_the_directory(ckpt, name):
         _load_fresh(ckpt)
 
 
-def test_symlinked_shard_is_refused(ckpt, tmp_path):
+def test_symlinked_shard_is_reported_as_a_symlink(ckpt, tmp_path):
     f = ckpt / "zero" / "params-rank00000-of-00001.safetensors"
     target = tmp_path / "elsewhere.safetensors"
     shutil.move(f, target)
-    f.symlink_to(target)
-    with pytest.raises(CheckpointError, match="params-rank00000-of-00001.safetensors is missing"):
+    f.symlink_to(target)  # the same bytes, so only the link itself is wrong
+    want = re.escape(f"{f} is a symlink (to {target}); a checkpoint's files must be its own")
+    with pytest.raises(CheckpointError, match=want):
         _load_fresh(ckpt)
+    with pytest.raises(CheckpointError, match=want):
+        hf_zero.consolidate(ckpt, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_manifest_is_not_a_checkpoint(ckpt):
@@ -229,7 +233,12 @@ def test_export_refuses_models_whose_save_converts_weights(tmp_path, saved):
         json.loads((saved / "zero" / "manifest.json").read_text())["hf_export"]["weight_conversion"]
         is False
     )
-    with pytest.raises(CheckpointError, match="MixtralForCausalLM converts its weights when saved"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"MixtralForCausalLM converts its weights when saved: save_pretrained writes \d+ "
+        r"tensors that are not model tensors renamed .*experts\.gate_up_proj -> "
+        r"\.experts\.\*\.w1\.weight",
+    ):
         hf_zero.consolidate(tmp_path / "moe", tmp_path / "out")
     # The sharded checkpoint itself still round-trips.
     engine.load_checkpoint(tmp_path / "moe")

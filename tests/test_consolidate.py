@@ -9,6 +9,7 @@ list of its loading info empty.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,7 +23,6 @@ from safetensors.torch import load_file, save_file
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
 from hf_zero.checkpoint.consolidate import _rank_slices, parse_size, plan_shards
-from hf_zero.checkpoint.format import sha256_file
 from hf_zero.cli import main
 from tests.helpers.dist import run_distributed
 from tests.parity_cases import SEQ, VOCAB, global_batch, make_model, param_groups, rank_slice
@@ -56,7 +56,7 @@ def _train_and_save(rank, world_size, kind, stage, path, buffers):
     full = engine.full_state_dict()  # collective
     with torch.no_grad():  # the raw model: stage 3 gathers in its own hooks, on every rank
         logits = engine.module(input_ids=FIXED_INPUT).logits
-    padded = any(fu.padded_numel != fu.numel for fu in engine.layout.flat_units)
+    padded = any(fu.padded_numel != fu.numel for fu in engine._layout.flat_units)
     return full, logits, padded
 
 
@@ -157,7 +157,7 @@ def test_export_is_what_save_pretrained_writes(checkpoints, tmp_path, name):
     ckpt, full, logits = checkpoints(name)
     out = hf_zero.consolidate(ckpt, tmp_path / "hf", progress=False)
 
-    want_files = {"model.safetensors", "config.json"} | (
+    want_files = {"model.safetensors", "config.json", "README.md"} | (
         {"generation_config.json"} if kind == "gpt2" else set()
     )
     assert {p.name for p in out.iterdir()} == want_files
@@ -319,7 +319,8 @@ def test_bad_manifest_or_foreign_params_file_names_it(checkpoints, tmp_path):
     save_file(tensors, str(bad), metadata={"format": "pt"})
 
     def rehash(m):
-        m["files"][bad.name] = {"size": bad.stat().st_size, "sha256": sha256_file(bad)}
+        digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+        m["files"][bad.name] = {"size": bad.stat().st_size, "sha256": digest}
 
     _edit_manifest(ckpt, rehash)
     with pytest.raises(CheckpointError, match=re.escape(f"{bad}: tensor 'flat00001' is F32 [")):
@@ -350,14 +351,19 @@ def test_overwrite_protection(checkpoints, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()  # an existing empty folder is fine
     hf_zero.consolidate(ckpt, out, progress=False)
-    (out / "stale.bin").write_text("old")
     with pytest.raises(FileExistsError, match=r"not empty; pass overwrite=True \(--overwrite\)"):
         hf_zero.consolidate(ckpt, out, progress=False)
-    assert (out / "stale.bin").exists()
-    hf_zero.consolidate(ckpt, out, overwrite=True, progress=False)
-    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    (out / "model.safetensors").write_bytes(b"stale")
+    hf_zero.consolidate(ckpt, out, overwrite=True, progress=False)  # an earlier export: replaced
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    (out / "stale.bin").write_text("not an export's")
+    with pytest.raises(FileExistsError, match="entries an export does not write: 'stale.bin'"):
+        hf_zero.consolidate(ckpt, out, overwrite=True, progress=False)
+    assert (out / "stale.bin").read_text() == "not an export's"
     with pytest.raises(ValueError, match="would replace the checkpoint"):
         hf_zero.consolidate(ckpt, ckpt.parent, overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="is inside the checkpoint"):
+        hf_zero.consolidate(ckpt, ckpt / "zero", overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 

@@ -1,26 +1,31 @@
-"""Offline export of a sharded checkpoint to the folder `model.save_pretrained` writes (§6).
+"""Offline export of a sharded checkpoint to the folder `model.save_pretrained` writes.
 
 No process group, no GPU, no optimizer file: only the manifest and the params-rank files are
 read, and of those only the byte ranges each exported tensor needs. Peak memory is a few read
 blocks (BLOCK elements each) above the interpreter's own, whatever the model and shard size.
 
 Phases:
-  1. Read the manifest; check every params-rank file against it (size + sha256), then its
-     header (by safetensors) and, once the plan is made, its metadata (rank, world size,
-     slice of the layout).
+  0. Check the output folder (`destination.check_export_destination`): outside the
+     checkpoint and not around it, new or empty, or with `overwrite` an earlier export.
+  1. Open the checkpoint once (`reader.CheckpointReader`) and check every params-rank file
+     against the manifest (size + sha256) from the open file, then its header (by
+     safetensors) and, once the plan is made, its metadata (rank, world size, slice of the
+     layout). Every later read is of those very files.
   2. Plan: for each key of `hf_export.keys` (the names save_pretrained writes, tied copies
-     already removed), in order, find its source (a parameter of a flat unit, by name or alias,
-     or a `buffer:` tensor of rank 0's params file), its shape and its output dtype; split the
-     keys into output shards exactly as huggingface_hub's `split_torch_state_dict_into_shards`
-     does for `save_pretrained` (same order, same file names).
+     already removed, renames applied), in order, find its source (the state-dict name it was
+     renamed from, if any: a parameter of a flat unit, by name or alias, or a `buffer:` tensor
+     of rank 0's params file), its shape and its output dtype; split the keys into output
+     shards exactly as huggingface_hub's `split_torch_state_dict_into_shards` does for
+     `save_pretrained` (same order, same file names). A model whose save_pretrained converts
+     values (not only names) is refused, saying which conversion.
   3. For each output shard: write the safetensors header (`{"format": "pt"}` metadata; offsets
      known from the plan), then stream each tensor's bytes in blocks of at most BLOCK elements,
      read from the ranks' slices of its flat unit (rank r holds elements [r*S, (r+1)*S),
      S = padded_numel // world_size) and cast block by block. A tensor's flat elements are
      contiguous in its flat unit and in the output, so the blocks are written in order and no
      tensor, let alone a shard, is ever assembled in memory.
-  4. Write the index (sharded exports only), copy config and tokenizer files, then move the
-     temporary folder into place.
+  4. Write the index (sharded exports only), copy config and tokenizer files, write the model
+     card (README.md, `card.write_card`), then move the temporary folder into place.
 """
 
 from __future__ import annotations
@@ -40,41 +45,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .format import (
-    ZERO_DIR,
-    CheckpointError,
-    check_shard_metadata,
-    open_shard,
-    read_json_file,
-    read_manifest,
-    shard_file,
+from ..card import CardInfo, write_card
+from .destination import (
+    COPIED_FILES,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_export_destination,
     swap_into_place,
-    verify_file,
 )
+from .errors import CheckpointError
+from .format import MANIFEST, MAX_JSON_BYTES, ZERO_DIR, Manifest, parse_json, shard_file
+from .reader import CheckpointReader, check_shard_metadata
 
 __all__ = ["consolidate", "parse_size", "plan_shards", "COPIED_FILES"]
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-# Files a model folder carries next to its weights, copied as they are when present.
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
 # Elements per read: bounds memory (32 MB of fp32) while keeping reads large.
 BLOCK = 1 << 23
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,9 +144,10 @@ class _Export:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype  # in the export
-    flat: int | None  # flat unit index; None for a buffer (rank 0's `buffer:{key}`)
+    flat: int | None  # flat unit index; None for a buffer
     offset: int = 0  # in the flat unit
     shard_numel: int = 0  # S of the flat unit
+    buffer: str = ""  # the buffer's state-dict name (rank 0's `buffer:{name}`)
 
     @property
     def numel(self) -> int:
@@ -199,35 +184,36 @@ def _resolve_dtype(dtype) -> torch.dtype | str | None:
 
 
 class _Params:
-    """The params-rank files, each checked against the manifest (size + sha256) up front.
+    """The params-rank files, each opened once and checked against the manifest (size +
+    sha256) up front.
 
-    A read is a zero-copy view of a memory map opened for one block and closed after it: the
-    pages a block touches stay resident only while it is written. (A file kept open would keep
-    every page read so far resident, and the RSS would grow to the checkpoint's size.)
+    A read is a zero-copy view of a memory map opened for one block and closed after it, of the
+    very file that was verified: the pages a block touches stay resident only while it is
+    written. (A file kept mapped would keep every page read so far resident, and the RSS would
+    grow to the checkpoint's size.)
     """
 
-    def __init__(self, ckpt: Path, manifest: dict):
-        self.world_size = manifest["world_size"]
-
-        def verify(rank: int) -> Path:
-            return verify_file(ckpt, manifest, shard_file("params", rank, self.world_size))
-
+    def __init__(self, reader: CheckpointReader):
+        self.world_size = ws = reader.manifest.world_size
+        names = [shard_file("params", r, ws) for r in range(ws)]
         # Hashing is most of the time left; hashlib and file reads release the GIL.
-        with ThreadPoolExecutor(min(self.world_size, os.cpu_count() or 1, 8)) as pool:
-            self.paths = list(pool.map(verify, range(self.world_size)))
+        with ThreadPoolExecutor(min(ws, os.cpu_count() or 1, 8)) as pool:
+            list(pool.map(reader.verify, names))
+        self.paths = [reader.path(n) for n in names]
+        self.sources = [reader.source(n) for n in names]
         self.tensors: list[dict[str, tuple[list[int], str]]] = []  # per rank: shape, dtype
         self.metadata: list[dict | None] = []
-        for path in self.paths:
-            with open_shard(path) as f:
+        for name in names:
+            with reader.safetensors(name) as f:
                 slices = {k: f.get_slice(k) for k in f.keys()}
                 self.tensors.append({k: (s.get_shape(), s.get_dtype()) for k, s in slices.items()})
                 self.metadata.append(f.metadata())
 
-    def check_metadata(self, manifest: dict) -> None:
+    def check_metadata(self, manifest: Manifest) -> None:
         """Each file's own metadata must describe the manifest's layout (see
-        `format.check_shard_metadata`)."""
+        `reader.check_shard_metadata`)."""
         for rank, path in enumerate(self.paths):
-            check_shard_metadata(path, self.metadata[rank], manifest["_layout"], rank)
+            check_shard_metadata(path, self.metadata[rank], manifest.layout, rank)
 
     def info(self, rank: int, key: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype name) of tensor `key` in rank `rank`'s file."""
@@ -248,44 +234,51 @@ class _Params:
         """The elements of `e` in order, as 1D blocks of at most BLOCK elements, cast. A block
         must not be used after the next one is asked for."""
         if e.flat is None:  # buffers are small
-            with safe_open(str(self.paths[0]), "pt") as f:
-                yield f.get_tensor(f"buffer:{e.key}").reshape(-1).to(e.dtype)
+            with safe_open(self.sources[0], "pt") as f:
+                yield f.get_tensor(f"buffer:{e.buffer}").reshape(-1).to(e.dtype)
             return
         key = f"flat{e.flat:05d}"
         for rank, start, _, n in _rank_slices(e.offset, e.numel, e.shard_numel):
             for a in range(start, start + n, BLOCK):
-                with safe_open(str(self.paths[rank]), "pt") as f:
+                with safe_open(self.sources[rank], "pt") as f:
                     yield f.get_slice(key)[a : min(a + BLOCK, start + n)].to(e.dtype)
 
 
-def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
-    export = manifest.get("hf_export")
-    if not isinstance(export, dict) or not isinstance(export.get("keys"), list):
-        raise CheckpointError(f"{where}: the manifest has no hf_export keys")
-    if export.get("weight_conversion"):
+def refuse_conversion(manifest: Manifest, where: str) -> None:
+    """Raise when the model's save_pretrained converts values, saying which conversion."""
+    export = manifest.hf_export
+    if export is not None and export.weight_conversion:
         raise CheckpointError(
-            f"{where}: {manifest.get('model_class', 'this model')} converts its weights when saved "
-            "(save_pretrained writes other tensors than the model holds, e.g. fused experts split "
-            "per expert); the hf_zero export cannot reproduce that yet. Load the checkpoint into "
-            "the model with engine.load_checkpoint and use full_state_dict()"
+            f"{where}: {manifest.model_class or 'this model'} converts its weights when saved: "
+            f"{export.conversion or 'save_pretrained writes other tensors than the model holds'}"
+            ". The hf_zero export copies tensors and follows renames only, so it cannot write "
+            "that; load the checkpoint with engine.load_checkpoint and save the model's "
+            "full_state_dict() with save_pretrained"
         )
-    saved_dtypes = export.get("dtypes", {})
+
+
+def _plan(manifest: Manifest, params: _Params, dtype, where: str) -> list[_Export]:
+    export = manifest.hf_export
+    if export is None:
+        raise CheckpointError(f"{where}: the manifest has no hf_export keys")
+    refuse_conversion(manifest, where)
     by_name = {}
-    for fu in manifest["_layout"].flat_units:
+    for fu in manifest.layout.flat_units:
         for p in fu.params:
             for name in (p.name, *p.aliases):
                 by_name[name] = (fu, p)
     plan, checked = [], set()
-    for key in export["keys"]:
+    for key in export.keys:
+        source = export.source(key)
         if dtype == "auto":
-            name = saved_dtypes.get(key)
+            name = export.dtypes.get(key)
             want = _EXPORT_DTYPES.get(name)
             if want is None:
                 raise CheckpointError(f"{where}: hf_export gives no dtype for {key!r}: {name!r}")
         else:
             want = dtype
-        if key in by_name:
-            fu, p = by_name[key]
+        if source in by_name:
+            fu, p = by_name[source]
             if want is not None and not want.is_floating_point:
                 raise CheckpointError(
                     f"{where}: hf_export gives parameter {key!r} dtype {want}; parameters export "
@@ -298,18 +291,19 @@ def _plan(manifest: dict, params: _Params, dtype, where: str) -> list[_Export]:
                 _Export(key, p.shape, want or torch.float32, fu.index, p.offset, fu.shard_numel)
             )
             continue
-        if f"buffer:{key}" not in params.tensors[0]:
+        if f"buffer:{source}" not in params.tensors[0]:
+            renamed = f" (renamed from {source!r})" if source != key else ""
             raise CheckpointError(
-                f"{where}: export key {key!r} is neither a parameter of the layout nor a buffer "
-                f"in {params.paths[0].name}"
+                f"{where}: export key {key!r}{renamed} is neither a parameter of the layout nor "
+                f"a buffer in {params.paths[0].name}"
             )
-        shape, st_dtype = params.info(0, f"buffer:{key}")
+        shape, st_dtype = params.info(0, f"buffer:{source}")
         have = _ST_DTYPES.get(st_dtype)
         if have is None:
-            raise CheckpointError(f"{params.paths[0]}: buffer {key!r} has dtype {st_dtype}")
+            raise CheckpointError(f"{params.paths[0]}: buffer {source!r} has dtype {st_dtype}")
         if want is None or not have.is_floating_point:
             want = have  # integer buffers (position ids...) keep their dtype, as save_pretrained
-        plan.append(_Export(key, tuple(shape), want, None))
+        plan.append(_Export(key, tuple(shape), want, None, buffer=source))
     return plan
 
 
@@ -342,18 +336,6 @@ def _write_shard(path: Path, exports: list[_Export], params: _Params, bar) -> No
             bar.update()
 
 
-def _prepare_output(out: Path, ckpt: Path, overwrite: bool) -> None:
-    if out.resolve() == ckpt.resolve() or ckpt.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"output_dir {out} would replace the checkpoint {ckpt}; pick another")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output_dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output_dir {out} exists and is not empty; pass overwrite=True (--overwrite) to "
-            "replace it"
-        )
-
-
 def _copied_source(ckpt: Path, fname: str) -> Path | None:
     """The checkpoint's file `fname` to copy into the export, or None when there is no such
     regular file. A symlink is followed only within the checkpoint: the export must not carry
@@ -372,7 +354,8 @@ def _copied_source(ckpt: Path, fname: str) -> Path | None:
 def _write_config(src: Path, dst: Path, dtype) -> None:
     """config.json as save_pretrained writes it for a model cast to one dtype: its "dtype" field
     names that dtype (from_pretrained's default dtype="auto" follows it)."""
-    config = read_json_file(src, what="model config")
+    with open(src, "rb") as f:
+        config = parse_json(f.read(MAX_JSON_BYTES + 1), where=str(src), what="model config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{src}: a model config must be a JSON object")
     name = str(dtype).removeprefix("torch.")
@@ -393,71 +376,112 @@ def consolidate(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    card: CardInfo | None = None,
 ) -> Path:
-    """Write the folder `model.save_pretrained` would write for the checkpoint's weights.
+    """Write the folder `model.save_pretrained` would write for the checkpoint's weights, plus
+    a model card.
 
     Args:
         checkpoint_dir: a sharded checkpoint (format v1) saved by `engine.save_checkpoint`.
         output_dir: the folder to create; written atomically (temporary folder, then rename).
+            Not the checkpoint, not inside it and not around it.
         dtype: "float32" (default), "bfloat16" or "float16" casts every floating tensor;
             "auto" writes each tensor in the model's own dtype; None writes the fp32 master
             weights and the buffers as saved. Integer buffers always keep their dtype.
         max_shard_size: largest output shard in bytes, or "5GB", "500MB", "10KB" (decimal, as
             save_pretrained); above it the export is split into `model-0000k-of-0000n` files plus
             `model.safetensors.index.json`. A tensor larger than this gets its own shard.
-        overwrite: replace a non-empty `output_dir`.
+        overwrite: replace a non-empty `output_dir`, which must hold only files an export
+            writes (an earlier export); anything else there is refused, naming it.
         progress: show a progress bar over tensors (stderr).
+        card: what the model card (README.md) says beyond the training setup the checkpoint
+            records.
 
     Returns:
         The output folder.
 
     Raises:
         CheckpointError: no manifest, a params file missing, truncated, corrupted or not matching
-            the layout, a config.json that is not a JSON object, a copied file that is a symlink
-            to outside the checkpoint (the message names the file).
-        FileExistsError: `output_dir` is not empty and `overwrite` is False.
-        ValueError: bad `dtype` or `max_shard_size`, or `output_dir` would replace the checkpoint.
+            the layout, a model whose save_pretrained converts weights, a config.json that is
+            not a JSON object, a copied file that is a symlink to outside the checkpoint (the
+            message names the file).
+        FileExistsError: `output_dir` is a file; not empty and `overwrite` is False; or holds
+            files an export does not write.
+        NotADirectoryError: a parent of `output_dir` is a file.
+        ValueError: bad `dtype` or `max_shard_size`, or `output_dir` is, holds or is inside the
+            checkpoint.
     """
+    return write_export(
+        checkpoint_dir,
+        output_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+        card=card,
+    )
+
+
+def write_export(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None,
+    max_shard_size: int | str,
+    overwrite: bool,
+    progress: bool,
+    card: CardInfo | None,
+    tokenizer=None,
+) -> Path:
+    """`consolidate`; `tokenizer`, if given, is saved into the export over the checkpoint's
+    tokenizer files (a live export from an existing checkpoint)."""
     if sys.byteorder != "little":  # safetensors stores little-endian; blocks are written raw
         raise RuntimeError("consolidate writes safetensors byte by byte: little-endian hosts only")
     ckpt, out = Path(checkpoint_dir), Path(output_dir)
     want = _resolve_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    _prepare_output(out, ckpt, overwrite)
-    manifest = read_manifest(ckpt)
-    where = str(ckpt / ZERO_DIR / "manifest.json")
-    params = _Params(ckpt, manifest)
-    plan = _plan(manifest, params, want, where)
-    params.check_metadata(manifest)
-    copied = {f: src for f in COPIED_FILES if (src := _copied_source(ckpt, f)) is not None}
-    by_key = {e.key: e for e in plan}
-    shards = plan_shards([(e.key, e.nbytes) for e in plan], max_bytes)
-    names = shard_names(len(shards))
+    with CheckpointReader(ckpt) as reader:  # a checkpoint first, then where its export goes
+        check_export_destination(out, ckpt, overwrite=overwrite)
+        manifest = reader.manifest
+        where = str(ckpt / ZERO_DIR / MANIFEST)
+        refuse_conversion(manifest, where)
+        params = _Params(reader)
+        plan = _plan(manifest, params, want, where)
+        params.check_metadata(manifest)
+        copied = {f: src for f in COPIED_FILES if (src := _copied_source(ckpt, f)) is not None}
+        by_key = {e.key: e for e in plan}
+        shards = plan_shards([(e.key, e.nbytes) for e in plan], max_bytes)
+        names = shard_names(len(shards))
 
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir(parents=True)
-    try:
-        from tqdm.auto import tqdm
+        tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(parents=True)
+        try:
+            from tqdm.auto import tqdm
 
-        with tqdm(total=len(plan), unit="tensor", desc="consolidate", disable=not progress) as bar:
-            for name, keys in zip(names, shards):
-                _write_shard(tmp / name, [by_key[k] for k in keys], params, bar)
-        if len(names) > 1:
-            index = {
-                "metadata": {
-                    "total_parameters": manifest["_layout"].numel,
-                    "total_size": sum(e.nbytes for e in plan),
-                },
-                "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
-            }
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for fname, src in copied.items():
-            if fname == "config.json":
-                _write_config(src, tmp / fname, want)
-            else:
-                shutil.copyfile(src, tmp / fname)
-        swap_into_place(tmp, out, uuid.uuid4().hex[:12])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            with tqdm(
+                total=len(plan), unit="tensor", desc="consolidate", disable=not progress
+            ) as bar:
+                for name, keys in zip(names, shards):
+                    _write_shard(tmp / name, [by_key[k] for k in keys], params, bar)
+            if len(names) > 1:
+                index = {
+                    "metadata": {
+                        "total_parameters": manifest.layout.numel,
+                        "total_size": sum(e.nbytes for e in plan),
+                    },
+                    "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
+                }
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for fname, src in copied.items():
+                if fname == "config.json":
+                    _write_config(src, tmp / fname, want)
+                else:
+                    shutil.copyfile(src, tmp / fname)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_card(tmp, manifest, card)  # the last file
+            swap_into_place(tmp, out, uuid.uuid4().hex[:12])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

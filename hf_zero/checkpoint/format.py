@@ -1,4 +1,4 @@
-"""Sharded checkpoint format, version 1 (DESIGN.md §5): names, the manifest, verification.
+"""Sharded checkpoint format, version 1: file names, the manifest, and the checks on both.
 
     <dir>/zero/manifest.json                              written last, by rank 0
     <dir>/zero/params-rank00000-of-00004.safetensors      fp32 master slice of every flat unit
@@ -11,52 +11,64 @@ layout, so each rank writes 1/N of the model and files never repeat one another.
 holds the layout, so a loader at another world size or stage maps parameters by name
 (`partition.plan_reads`) and reads only its byte ranges.
 
-Nothing here is a pickle: tensors are safetensors, everything else JSON. Every file handed to us
-is checked before use, and whatever is wrong with it is a CheckpointError naming the file:
-- the manifest: size (at most MAX_JSON_BYTES), JSON, the type and range of every field the
-  loaders use, file names (plain shard names: nothing outside the directory), no symlinks;
-- each shard file: size and sha256 against the manifest, then its safetensors header (parsed by
-  safetensors itself, which refuses a header longer than the file or its own limit without
-  reading it), then its own metadata: the rank, world size and slice of the layout it was
-  written with must be the manifest's. The manifest carries no checksum, so this is what
-  catches a manifest whose layout was edited to stay self-consistent (two parameters' names
-  swapped, say) but no longer describes the files.
+`Manifest` is the manifest as a typed value, with its writer (`Manifest.from_state`,
+`Manifest.to_json`) and its reader (`Manifest.parse`, `Manifest.read`) side by side. The reader
+checks everything a loader, the export or inspect uses before it builds the value: the size
+(at most MAX_JSON_BYTES), the JSON and its strings, the type and range of every field, file
+names (plain shard names: nothing outside the directory), and the layout's own consistency
+(offsets and sizes follow from the shapes). Whatever is wrong is a CheckpointError naming the
+file. Nothing here is a pickle: tensors are safetensors, everything else JSON.
+
+The zero/ folder and the manifest are opened without following symlinks: a checkpoint's files
+must be its own (`open_zero_dir`, `read_manifest_at`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
-import math
 import os
 import re
-import reprlib
-import shutil
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from safetensors import SafetensorError, safe_open
+from typing import TYPE_CHECKING, Any
 
 from ..config import MIXED_PRECISION_CHOICES, STAGES
-from ..partition import FlatUnit, Layout, ParamSpec
+from ..partition import Layout
+from .errors import CheckpointError
+from .errors import expect as _expect
+from .errors import is_int as _is_int
+from .errors import is_str_list as _is_str_list
+from .errors import show as _show
+from .layout_json import layout_from_json, layout_slice, layout_to_json
+from .naming import export_keys
+
+if TYPE_CHECKING:
+    from .state import RankState
 
 __all__ = [
     "FORMAT_VERSION",
-    "CheckpointError",
-    "shard_file",
-    "sha256_file",
-    "layout_to_json",
-    "layout_from_json",
-    "layout_slice",
-    "read_json_file",
-    "read_manifest",
-    "verify_file",
-    "open_shard",
-    "check_shard_metadata",
     "ZERO_DIR",
     "MANIFEST",
     "MAX_JSON_BYTES",
-    "swap_into_place",
+    "CheckpointError",
+    "FileEntry",
+    "OptimizerInfo",
+    "HFExport",
+    "Manifest",
+    "shard_file",
+    "flat_key",
+    "layout_to_json",
+    "layout_from_json",
+    "layout_slice",
+    "parse_json",
+    "open_at",
+    "stat_at",
+    "open_zero_dir",
+    "read_manifest_at",
+    "read_zero_manifest",
+    "dir_replaced",
 ]
 
 FORMAT_VERSION = 1
@@ -67,170 +79,20 @@ _FILE_RE = re.compile(r"(params|optim|rng)-rank([0-9]{5})-of-([0-9]{5})\.safeten
 # The manifest of a model with 100k parameters is a few tens of MB; a larger JSON file is not one
 # hf_zero wrote, and parsing it could take many times its size in memory.
 MAX_JSON_BYTES = 64 << 20
-# Bounds on a parameter's shape: no real tensor comes close, and they keep every size computed
-# from a manifest a small integer.
-MAX_NDIM = 64
-MAX_NUMEL = 1 << 48
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_repr = reprlib.Repr()  # bad values in messages: short, and safe on any nesting
-_repr.maxstring = _repr.maxother = 80
-_repr.maxlist = _repr.maxdict = 8
-_repr.maxlevel = 3
-_show = _repr.repr
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, truncated, corrupted, foreign or unsupported."""
+# Opening a file of the checkpoint by "/proc/self/fd/<dir fd>/<name>" resolves the name in the
+# very folder the dir fd holds, as openat does, while still naming a path (audit hooks and
+# libraries that take paths see where it is).
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def shard_file(kind: str, rank: int, world_size: int) -> str:
     return f"{kind}-rank{rank:05d}-of-{world_size:05d}.safetensors"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def layout_to_json(layout: Layout, dtypes: dict[str, str]) -> dict:
-    return {
-        "world_size": layout.world_size,
-        "flat_units": [
-            {
-                "index": f.index,
-                "units": list(f.units),
-                "group": f.group,
-                "numel": f.numel,
-                "padded_numel": f.padded_numel,
-                "params": [
-                    {
-                        "name": p.name,
-                        "shape": list(p.shape),
-                        "dtype": dtypes.get(p.name, "float32"),
-                        "offset": p.offset,
-                        "aliases": list(p.aliases),
-                    }
-                    for p in f.params
-                ],
-            }
-            for f in layout.flat_units
-        ],
-    }
-
-
-def layout_slice(layout: Layout, rank: int) -> list[dict]:
-    """What rank `rank`'s files hold of each flat unit: its flat range and the parameter pieces
-    in it, as [name, start in the parameter, start in the slice, length]. Every shard file
-    carries this in its metadata (key "hf_zero")."""
-    return [
-        {
-            "flat": fu.index,
-            "range": list(fu.shard_range(rank)),
-            "pieces": [
-                [p.param.name, p.param_start, p.shard_start, p.length]
-                for p in fu.shard_pieces(rank)
-            ],
-        }
-        for fu in layout.flat_units
-    ]
-
-
-def _expect(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise CheckpointError(f"{where}: {what}")
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int
-
-
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(s, str) for s in v)
-
-
-def layout_from_json(data: Any, *, where: str) -> tuple[Layout, dict[str, str]]:
-    """Rebuild and check a layout; returns it with the parameters' original dtypes.
-
-    Raises:
-        CheckpointError: a field of the wrong type or out of range, a name used twice, offsets
-            or sizes that do not follow from the shapes.
-    """
-    _expect(isinstance(data, dict), where, "layout must be an object")
-    ws = data.get("world_size")
-    _expect(
-        _is_int(ws) and ws >= 1, where, f"layout world_size must be a positive int, got {_show(ws)}"
-    )
-    units = data.get("flat_units")
-    _expect(isinstance(units, list), where, "layout flat_units must be a list")
-    flats, dtypes, names = [], {}, set()
-    for i, u in enumerate(units):
-        _expect(isinstance(u, dict) and u.get("index") == i, where, f"flat unit {i} is malformed")
-        entries = u.get("params", [])
-        unit_names = u.get("units", [])
-        _expect(
-            isinstance(entries, list) and _is_str_list(unit_names),
-            where,
-            f"flat unit {i}: params must be a list and units a list of names",
-        )
-        params, offset = [], 0
-        for p in entries:  # messages are built only on failure: layouts can be long
-            if not (isinstance(p, dict) and isinstance(p.get("name"), str)):
-                raise CheckpointError(f"{where}: flat unit {i}: bad param entry {_show(p)}")
-            name, shape, aliases = p["name"], p.get("shape"), p.get("aliases", [])
-            if not (
-                isinstance(shape, list)
-                and len(shape) <= MAX_NDIM
-                and all(_is_int(d) and 0 <= d < 2**40 for d in shape)
-                and math.prod(shape) <= MAX_NUMEL
-            ):
-                raise CheckpointError(f"{where}: parameter {name!r}: bad shape {_show(shape)}")
-            if p.get("offset") != offset:
-                raise CheckpointError(
-                    f"{where}: parameter {name!r}: offset {_show(p.get('offset'))}, "
-                    f"expected {offset}"
-                )
-            if not _is_str_list(aliases):
-                raise CheckpointError(f"{where}: parameter {name!r}: bad aliases {_show(aliases)}")
-            dtype = p.get("dtype", "float32")
-            if not isinstance(dtype, str):
-                raise CheckpointError(f"{where}: parameter {name!r}: bad dtype {_show(dtype)}")
-            for n in (name, *aliases):
-                if n in names:
-                    raise CheckpointError(f"{where}: parameter name {n!r} appears twice")
-                names.add(n)
-            spec = ParamSpec(name, tuple(shape), offset, tuple(aliases))
-            params.append(spec)
-            dtypes[name] = dtype
-            offset += spec.numel
-        group = u.get("group")
-        _expect(_is_int(group) and group >= -1, where, f"flat unit {i}: bad group {_show(group)}")
-        fu = FlatUnit(i, tuple(unit_names), group, tuple(params), ws)
-        _expect(
-            _is_int(u.get("numel"))
-            and u.get("numel") == fu.numel
-            and _is_int(u.get("padded_numel"))
-            and u.get("padded_numel") == fu.padded_numel,
-            where,
-            f"flat unit {i}: numel {_show(u.get('numel'))}/{_show(u.get('padded_numel'))} "
-            "does not match its parameters",
-        )
-        flats.append(fu)
-    return Layout(ws, tuple(flats)), dtypes
-
-
-REQUIRED = (
-    "format_version",
-    "stage",
-    "world_size",
-    "mixed_precision",
-    "step",
-    "layout",
-    "optimizer",
-    "files",
-)
+def flat_key(index: int) -> str:
+    """The tensor name of flat unit `index` in the params and optim files."""
+    return f"flat{index:05d}"
 
 
 def _check_strings(data: Any, where: str) -> None:
@@ -252,29 +114,23 @@ def _check_strings(data: Any, where: str) -> None:
                 raise CheckpointError(f"{where}: string {_show(v)} is not valid Unicode") from None
 
 
-def read_json_file(path: str | os.PathLike, *, what: str = "file") -> Any:
-    """Parse a JSON file handed to us: at most MAX_JSON_BYTES, valid UTF-8 and valid Unicode,
-    nested no deeper than the parser allows.
+def parse_json(raw: bytes, *, where: str, what: str = "file") -> Any:
+    """Parse JSON handed to us: at most MAX_JSON_BYTES, valid UTF-8 and valid Unicode, nested no
+    deeper than the parser allows.
 
     Raises:
-        CheckpointError: too large, unreadable, or not such JSON (naming the file).
+        CheckpointError: too large, or not such JSON (naming `where`).
     """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({e})") from None
     _expect(
         len(raw) <= MAX_JSON_BYTES,
-        str(path),
+        where,
         f"more than {MAX_JSON_BYTES} bytes; not a {what} hf_zero wrote",
     )
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
-        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
-    _check_strings(data, str(path))
+        raise CheckpointError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from None
+    _check_strings(data, where)
     return data
 
 
@@ -355,145 +211,415 @@ def _check_fields(m: dict, where: str) -> None:
         where,
         f"hf_export weight_conversion must be true or false, got {_show(conversion)}",
     )
+    renames = export.get("renames", {})
+    _expect(
+        isinstance(renames, dict)
+        and all(k in seen and isinstance(v, str) and v for k, v in renames.items()),
+        where,
+        f"hf_export renames must map export keys to state-dict names, got {_show(renames)}",
+    )
+    description = export.get("conversion")
+    _expect(
+        description is None or (isinstance(description, str) and conversion),
+        where,
+        f"hf_export conversion must be a description, with weight_conversion true, got "
+        f"{_show(description)}",
+    )
 
 
-def read_manifest(ckpt_dir: str | os.PathLike) -> dict:
-    """Read and check `<dir>/zero/manifest.json`; the layout comes back as `manifest["_layout"]`.
+REQUIRED = (
+    "format_version",
+    "stage",
+    "world_size",
+    "mixed_precision",
+    "step",
+    "layout",
+    "optimizer",
+    "files",
+)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One shard file as the manifest records it."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """The optimizer that stepped the checkpoint."""
+
+    cls: str
+    """"module.QualName" of its class."""
+
+    param_groups: list[dict]
+    """Each group's hyperparameters (JSON values; no "params")."""
+
+    state_keys: dict[str, list[str]]
+    """Flat unit tensor name ("flat00000") -> the names of its optimizer state."""
+
+
+@dataclass(frozen=True)
+class HFExport:
+    """What an HF export of the checkpoint writes: the tensor names `save_pretrained` writes, in
+    its order, and where each comes from."""
+
+    keys: list[str]
+    dtypes: dict[str, str]
+    """Export key -> the dtype the model holds it in ("float32", ...)."""
+
+    renames: dict[str, str] = field(default_factory=dict)
+    """Export key -> the model's state-dict name, where save_pretrained renames (GPT-NeoX
+    writes `embed_out.weight` for `lm_head.weight`)."""
+
+    conversion: str | None = None
+    """What save_pretrained does to the values beyond renaming (splitting fused experts, ...),
+    which an export cannot reproduce; None when it only renames."""
+
+    weight_conversion: bool = False
+    """Whether save_pretrained converts values (then `keys` are the model's own names)."""
+
+    def source(self, key: str) -> str:
+        """The model's state-dict name of export key `key`."""
+        return self.renames.get(key, key)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`zero/manifest.json` (format version 1) as a checked, typed value."""
+
+    format_version: int
+    stage: int
+    world_size: int
+    mixed_precision: str
+    step: int
+    skipped_steps: int
+    config: dict
+    """`ZeroConfig.to_dict()` of the saving engine."""
+    model_class: str
+    layout: Layout
+    dtypes: dict[str, str]
+    """Parameter name -> the dtype the model held it in."""
+    optimizer: OptimizerInfo
+    loss_scaler: dict
+    """The dynamic loss scaler's state ({} without one)."""
+    hf_export: HFExport | None
+    files: dict[str, FileEntry]
+
+    # ---- writer ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_state(cls, state: RankState, files: dict[str, FileEntry]) -> Manifest:
+        """The manifest of a save of `state` whose ranks wrote `files`."""
+        opt = state.optimizer
+        groups = [
+            {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in g.items()
+                if k != "params" and _jsonable(v)
+            }
+            for g in opt.param_groups
+        ]
+        state_keys = {}
+        for fu in state.layout.flat_units:
+            st = opt.state.get(state.masters[fu.index], {})
+            if st:
+                state_keys[flat_key(fu.index)] = sorted(st)
+        names = export_keys(state.module)
+        return cls(
+            format_version=FORMAT_VERSION,
+            stage=state.stage,
+            world_size=state.world_size,
+            mixed_precision=state.mixed_precision,
+            step=state.counters.step,
+            skipped_steps=state.counters.skipped_steps,
+            config=dict(state.config),
+            model_class=type(state.module).__name__,
+            layout=state.layout,
+            dtypes=dict(state.param_dtypes),
+            optimizer=OptimizerInfo(
+                f"{type(opt).__module__}.{type(opt).__qualname__}", groups, state_keys
+            ),
+            loss_scaler=dict(state.counters.loss_scaler),
+            hf_export=HFExport(
+                keys=list(names.keys),
+                dtypes={k: _export_dtype(state, names.source(k)) for k in names.keys},
+                renames=dict(names.renames),
+                conversion=names.conversion,
+                weight_conversion=names.conversion is not None,
+            ),
+            files=dict(files),
+        )
+
+    def to_json(self) -> dict:
+        """The JSON document (format version 1) `parse` reads back into an equal Manifest."""
+        out = {
+            "format_version": self.format_version,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "mixed_precision": self.mixed_precision,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "config": self.config,
+            "model_class": self.model_class,
+            "layout": layout_to_json(self.layout, self.dtypes),
+            "optimizer": {
+                "class": self.optimizer.cls,
+                "param_groups": self.optimizer.param_groups,
+                "state_keys": self.optimizer.state_keys,
+            },
+            "loss_scaler": self.loss_scaler,
+            "files": {n: {"size": e.size, "sha256": e.sha256} for n, e in self.files.items()},
+        }
+        if self.hf_export is not None:
+            e = self.hf_export
+            export: dict[str, Any] = {
+                "keys": e.keys,
+                "dtypes": e.dtypes,
+                "weight_conversion": e.weight_conversion,
+            }
+            if e.renames:
+                export["renames"] = e.renames
+            if e.conversion is not None:
+                export["conversion"] = e.conversion
+            out["hf_export"] = export
+        return out
+
+    # ---- reader ------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, ckpt_dir: str | os.PathLike) -> Manifest:
+        """Read and check `<ckpt_dir>/zero/manifest.json`.
+
+        Raises:
+            CheckpointError: missing, a symlink (as is its zero/ folder), or failing `parse`.
+        """
+        path = Path(ckpt_dir) / ZERO_DIR / MANIFEST
+        raw, _ = read_zero_manifest(ckpt_dir)[1:]
+        return cls.parse(raw, where=str(path))
+
+    @classmethod
+    def parse(cls, raw: bytes, *, where: str) -> Manifest:
+        """Check a manifest's bytes and build the value.
+
+        Raises:
+            CheckpointError (naming `where`): too large, not JSON, unsupported format_version,
+                missing fields or fields of the wrong type or range, file entries that are not
+                plain shard names (no paths: nothing outside the directory), an inconsistent
+                layout.
+        """
+        m = parse_json(raw, where=where, what="manifest")
+        _expect(isinstance(m, dict), where, "manifest must be a JSON object")
+        missing = [k for k in REQUIRED if k not in m]
+        _expect(not missing, where, f"missing fields {missing}")
+        version = m["format_version"]
+        _expect(
+            _is_int(version) and version == FORMAT_VERSION,
+            where,
+            f"format_version {_show(version)} is not supported "
+            f"(this hf_zero reads version {FORMAT_VERSION})",
+        )
+        ws = m["world_size"]
+        _expect(_is_int(ws) and 1 <= ws <= 99999, where, f"bad world_size {_show(ws)}")
+        files = m["files"]
+        _expect(isinstance(files, dict), where, "files must be an object")
+        for name, entry in files.items():  # messages are built only on failure
+            match = _FILE_RE.fullmatch(name)
+            if match is None:
+                raise CheckpointError(f"{where}: file entry {name!r} is not a shard file name")
+            if int(match.group(3)) != ws or int(match.group(2)) >= ws:
+                raise CheckpointError(
+                    f"{where}: file entry {name!r} does not belong to a {ws}-rank checkpoint"
+                )
+            if not (
+                isinstance(entry, dict)
+                and _is_int(entry.get("size"))
+                and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.fullmatch(entry["sha256"]) is not None
+            ):
+                raise CheckpointError(
+                    f"{where}: file entry {name!r} needs size (bytes) and sha256 (64 hex "
+                    f"digits), got {_show(entry)}"
+                )
+        for kind in ("params", "optim"):
+            for r in range(ws):
+                if shard_file(kind, r, ws) not in files:
+                    raise CheckpointError(f"{where}: no entry for {shard_file(kind, r, ws)}")
+        _check_fields(m, where)
+        layout, dtypes = layout_from_json(m["layout"], where=where)
+        _expect(layout.world_size == ws, where, "layout world_size differs from world_size")
+        opt = m["optimizer"]
+        export = m.get("hf_export")
+        return cls(
+            format_version=version,
+            stage=m["stage"],
+            world_size=ws,
+            mixed_precision=m["mixed_precision"],
+            step=m["step"],
+            skipped_steps=m.get("skipped_steps", 0),
+            config=m.get("config") or {},
+            model_class=m.get("model_class", ""),
+            layout=layout,
+            dtypes=dtypes,
+            optimizer=OptimizerInfo(
+                opt["class"], opt.get("param_groups", []), opt.get("state_keys", {})
+            ),
+            loss_scaler=m.get("loss_scaler") or {},
+            hf_export=None
+            if export is None
+            else HFExport(
+                keys=export.get("keys", []),
+                dtypes=export.get("dtypes", {}),
+                renames=export.get("renames", {}),
+                conversion=export.get("conversion"),
+                weight_conversion=export.get("weight_conversion", False),
+            ),
+            files={n: FileEntry(e["size"], e["sha256"]) for n, e in files.items()},
+        )
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _export_dtype(state: RankState, key: str) -> str:
+    """The dtype an HF export writes for state-dict key `key`: the model's own."""
+    if key in state.param_dtypes:
+        return state.param_dtypes[key]
+    for fu in state.layout.flat_units:
+        for p in fu.params:
+            if key in p.aliases:
+                return state.param_dtypes[p.name]
+    return str(state.module.state_dict()[key].dtype).removeprefix("torch.")
+
+
+def open_at(dir_fd: int, name: str, flags: int) -> int:
+    """`openat(dir_fd, name, flags)`: `name` resolved in the folder `dir_fd` holds, whatever
+    has been renamed since it was opened."""
+    if _PROC_FD:
+        return os.open(f"/proc/self/fd/{dir_fd}/{name}", flags)
+    return os.open(name, flags, dir_fd=dir_fd)
+
+
+def stat_at(dir_fd: int, name: str) -> os.stat_result:
+    """lstat of `name` in the folder `dir_fd` holds (a symlink is not followed)."""
+    if _PROC_FD:
+        return os.stat(f"/proc/self/fd/{dir_fd}/{name}", follow_symlinks=False)
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _no_manifest(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: no manifest; this is not a complete hf_zero checkpoint")
+
+
+def _symlink(link: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{link} is a symlink; a checkpoint's zero/ folder and manifest must be its own"
+    )
+
+
+def open_zero_dir(ckpt_dir: str | os.PathLike) -> int:
+    """Open `<ckpt_dir>/zero` (not through a symlink); returns its fd, to be closed by the caller.
 
     Raises:
-        CheckpointError: missing, a symlink (as is its zero/ folder), too large, not JSON,
-            unsupported format_version, missing fields or fields of the wrong type or range, or
-            file entries that are not plain shard names (no paths: nothing outside the
-            directory).
+        CheckpointError: zero/ is a symlink, or there is no such folder (no manifest).
     """
-    path = Path(ckpt_dir) / ZERO_DIR / MANIFEST
-    if path.is_symlink() or path.parent.is_symlink():
-        link = path if path.is_symlink() else path.parent
-        raise CheckpointError(
-            f"{link} is a symlink; a checkpoint's zero/ folder and manifest must be its own"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no manifest; this is not a complete hf_zero checkpoint")
-    m = read_json_file(path, what="manifest")
-    _expect(isinstance(m, dict), str(path), "manifest must be a JSON object")
-    missing = [k for k in REQUIRED if k not in m]
-    _expect(not missing, str(path), f"missing fields {missing}")
-    version = m["format_version"]
-    _expect(
-        _is_int(version) and version == FORMAT_VERSION,
-        str(path),
-        f"format_version {_show(version)} is not supported "
-        f"(this hf_zero reads version {FORMAT_VERSION})",
-    )
-    ws = m["world_size"]
-    _expect(_is_int(ws) and 1 <= ws <= 99999, str(path), f"bad world_size {_show(ws)}")
-    files = m["files"]
-    _expect(isinstance(files, dict), str(path), "files must be an object")
-    for name, entry in files.items():  # messages are built only on failure
-        match = _FILE_RE.fullmatch(name)
-        if match is None:
-            raise CheckpointError(f"{path}: file entry {name!r} is not a shard file name")
-        if int(match.group(3)) != ws or int(match.group(2)) >= ws:
-            raise CheckpointError(
-                f"{path}: file entry {name!r} does not belong to a {ws}-rank checkpoint"
-            )
-        if not (
-            isinstance(entry, dict)
-            and _is_int(entry.get("size"))
-            and entry["size"] >= 0
-            and isinstance(entry.get("sha256"), str)
-            and _SHA256_RE.fullmatch(entry["sha256"]) is not None
-        ):
-            raise CheckpointError(
-                f"{path}: file entry {name!r} needs size (bytes) and sha256 (64 hex digits), "
-                f"got {_show(entry)}"
-            )
-    for kind in ("params", "optim"):
-        for r in range(ws):
-            if shard_file(kind, r, ws) not in files:
-                raise CheckpointError(f"{path}: no entry for {shard_file(kind, r, ws)}")
-    _check_fields(m, str(path))
-    m["_layout"], m["_dtypes"] = layout_from_json(m["layout"], where=str(path))
-    _expect(m["_layout"].world_size == ws, str(path), "layout world_size differs from world_size")
-    return m
-
-
-def verify_file(ckpt_dir: str | os.PathLike, manifest: dict, name: str) -> Path:
-    """Check one shard file's size and sha256 against the manifest; return its path."""
-    path = Path(ckpt_dir) / ZERO_DIR / name
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise CheckpointError(f"{path}: not listed in the manifest")
-    if path.is_symlink() or not path.is_file():
-        raise CheckpointError(
-            f"checkpoint was saved by {manifest['world_size']} ranks but file {name} is missing "
-            f"(expected at {path})"
-        )
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise CheckpointError(
-            f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)"
-        )
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise CheckpointError(
-            f"{path}: sha256 {digest[:12]}... does not match the manifest's "
-            f"{entry['sha256'][:12]}... (corrupted)"
-        )
-    return path
-
-
-def open_shard(path: Path):
-    """`safe_open(path, "pt")`; a file safetensors refuses is a CheckpointError naming it."""
+    zero = Path(ckpt_dir) / ZERO_DIR
+    if zero.is_symlink():  # checked first: opening would touch what it points to
+        raise _symlink(zero)
+    if not zero.is_dir():  # nor is anything opened in a folder that is no checkpoint
+        raise _no_manifest(zero / MANIFEST)
     try:
-        return safe_open(str(path), "pt")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+        return os.open(zero, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink(zero) from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise _no_manifest(zero / MANIFEST) from None
+        raise CheckpointError(f"{zero}: cannot open the checkpoint's folder ({e})") from None
 
 
-def check_shard_metadata(path: Path, metadata: dict | None, layout: Layout, rank: int) -> None:
-    """A shard file's own metadata must be what the saving rank wrote for the manifest's layout:
-    format "pt" and, under "hf_zero", this format version, rank `rank` of the layout's world size
-    and that rank's `layout_slice`.
+def read_manifest_at(dir_fd: int, path: Path) -> tuple[bytes, os.stat_result]:
+    """The manifest's bytes (at most MAX_JSON_BYTES + 1) and fstat, read from the zero/ folder
+    `dir_fd` holds, without following a symlink.
 
     Raises:
-        CheckpointError: the metadata is missing, malformed, or describes another rank, world
-            size or layout (the manifest was edited, or the file belongs to another save).
+        CheckpointError: no manifest, a symlink, not a regular file, unreadable.
     """
-    meta = metadata or {}
-    _expect(
-        meta.get("format") == "pt",
-        str(path),
-        f'metadata format is {_show(meta.get("format"))}, expected "pt"',
-    )
     try:
-        info = json.loads(meta.get("hf_zero", ""))
-    except (ValueError, RecursionError):
-        info = None
-    _expect(isinstance(info, dict), str(path), "no hf_zero metadata; not a file hf_zero wrote")
-    ws = layout.world_size
-    got = (info.get("format_version"), info.get("rank"), info.get("world_size"))
-    _expect(
-        all(_is_int(v) for v in got) and got == (FORMAT_VERSION, rank, ws),
-        str(path),
-        f"written as format_version/rank/world_size {_show(got)}, the manifest says "
-        f"{(FORMAT_VERSION, rank, ws)}",
-    )
-    _expect(
-        info.get("layout_slice") == layout_slice(layout, rank),
-        str(path),
-        "the slice of the layout it holds differs from the manifest's layout (the manifest was "
-        "edited, or the file belongs to another save)",
-    )
+        st = stat_at(dir_fd, MANIFEST)
+    except FileNotFoundError:
+        raise _no_manifest(path) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
+    if stat.S_ISLNK(st.st_mode):  # checked first: opening would touch what it points to
+        raise _symlink(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file; no manifest hf_zero wrote")
+    try:
+        fd = open_at(dir_fd, MANIFEST, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _symlink(path) from None
+        if e.errno == errno.ENOENT:
+            raise _no_manifest(path) from None
+        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file; no manifest hf_zero wrote")
+        chunks, left = [], MAX_JSON_BYTES + 1
+        while left > 0 and (block := os.read(fd, min(left, 1 << 22))):
+            chunks.append(block)
+            left -= len(block)
+        return b"".join(chunks), st
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
+    finally:
+        os.close(fd)
 
 
-def swap_into_place(tmp: Path, dest: Path, token: str) -> None:
-    """Move the finished directory `tmp` to `dest`, replacing what was there: the old one is
-    renamed aside first and deleted only once the new one is in place."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f"{dest.name}.old-{token}"
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def dir_replaced(path: Path, dir_fd: int) -> bool:
+    """Whether `path` no longer names the folder `dir_fd` holds (a save swapped another in)."""
+    try:
+        return not os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(dir_fd))
+    except OSError:
+        return True
+
+
+_ATTEMPTS = 3
+
+
+def read_zero_manifest(ckpt_dir: str | os.PathLike) -> tuple[int, bytes, os.stat_result]:
+    """Open `<ckpt_dir>/zero` and read its manifest: (the folder's fd, to be closed by the
+    caller, the manifest's bytes, its fstat). A save that replaces the checkpoint between the
+    two (the folder opened is then deleted under the reader) is met by opening the new one, up
+    to a few times.
+
+    Raises:
+        CheckpointError: as `open_zero_dir` and `read_manifest_at`; or the checkpoint kept
+            changing (the message says so).
+    """
+    zero = Path(ckpt_dir) / ZERO_DIR
+    for _ in range(_ATTEMPTS):
+        fd = open_zero_dir(ckpt_dir)
+        try:
+            raw, st = read_manifest_at(fd, zero / MANIFEST)
+            return fd, raw, st
+        except CheckpointError:
+            replaced = dir_replaced(zero, fd)
+            os.close(fd)
+            if not replaced:
+                raise
+    raise CheckpointError(
+        f"{Path(ckpt_dir)}: the checkpoint changed while loading ({zero} was replaced "
+        f"{_ATTEMPTS} times while its manifest was read); a save to this path was probably "
+        "running: load again once it has finished"
+    )

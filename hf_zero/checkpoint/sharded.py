@@ -1,91 +1,82 @@
 """Sharded save and load: every rank writes and reads only its own slices.
 
 Save (atomic), phases:
-  1. rank 0 picks a temporary directory name `<dir>.tmp-<token>` and every rank learns it;
+  1. rank 0 checks that the path may be replaced (nothing, an empty folder, or an hf_zero
+     checkpoint: `destination.check_checkpoint_destination`) and picks a temporary name
+     `<dir>.tmp-<token>`; every rank learns both, and a refused path is refused on every rank
+     before anything is written;
   2. every rank writes its params / optim / rng files there and hashes them;
   3. all ranks exchange their outcome (control traffic): if any rank failed, every rank raises
      and the temporary directory is removed; the previous checkpoint is untouched;
   4. rank 0 writes the model's config files, then the manifest (last), then swaps the
-     directory in with renames; all ranks learn the outcome.
+     directory in (`destination.swap_into_place`: the previous version is deleted, or a
+     warning names what is left of it); all ranks learn the outcome.
 A crash at any point before the final rename leaves `<dir>` as it was; a directory without a
 manifest is never taken for a checkpoint.
 
-Load, on any world size and stage: every rank reads the manifest, checks that it describes this
-model, and for each of its flat units reads exactly the element ranges it owns from the source
-ranks' files (`partition.plan_reads`, safetensors `get_slice`). Every file it opens is checked
-first against the manifest's size and sha256, then its header and its own metadata against the
-manifest's layout, and every tensor's dtype and shape against what the layout says, all before
-the engine changes: a checkpoint that fails any check leaves the engine as it was.
+Load, on any world size and stage, phases:
+  1. Read and check, changing nothing: every rank opens the checkpoint once
+     (`reader.CheckpointReader`: what it reads is what it verified), reads the manifest, checks
+     that it describes this model and optimizer (`compat`), and opens and verifies every file
+     it will read: size, sha256, header, its own metadata against the manifest's layout, and
+     every tensor's dtype and shape, the optimizer state it lists, buffers, hyperparameters,
+     loss scaler and RNG states. For each of its flat units it plans exactly the element ranges
+     it owns in the source ranks' files (`partition.plan_reads`).
+  2. Agree: one small collective tells every rank whether any rank's check failed and which
+     manifest each read. If one failed, every rank raises (the failing rank its own error, the
+     others a CheckpointError naming it); if the ranks read different manifests (a save
+     replaced the checkpoint between them), every rank raises "the checkpoint changed while
+     loading". Either way every engine is exactly as it was.
+  3. Copy into the engine from the files opened in phase 1 (safetensors `get_slice`): masters,
+     optimizer state, hyperparameters, buffers, counters, RNG states; `weights_only` copies
+     the masters and buffers only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from .. import comm
-from ..optimizer import IMPLEMENTATION_KEYS
 from ..partition import plan_reads
+from . import compat
+from .destination import check_checkpoint_destination, swap_into_place
+from .errors import CheckpointError
 from .format import (
     FORMAT_VERSION,
     MANIFEST,
     ZERO_DIR,
-    CheckpointError,
-    _show,
-    check_shard_metadata,
-    layout_slice,
-    layout_to_json,
-    open_shard,
-    read_manifest,
-    sha256_file,
+    FileEntry,
+    Manifest,
+    flat_key,
     shard_file,
-    swap_into_place,
-    verify_file,
 )
+from .layout_json import layout_slice
+from .reader import CheckpointReader
 from .rng import read_rng, rng_state
 from .state import Counters, RankState
 
-__all__ = ["save_checkpoint", "load_checkpoint", "export_keys", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 
-def _flat_key(index: int) -> str:
-    return f"flat{index:05d}"
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
-def export_keys(module: torch.nn.Module) -> tuple[list[str], bool]:
-    """The tensor names `save_pretrained` writes for this model: its state dict without the
-    tied copies the model class re-ties on load (GPT-2: no lm_head.weight). Also whether
-    save_pretrained converts weights on the way out (transformers 5 does for fused layouts such
-    as Mixtral's experts), which the export cannot reproduce yet."""
-    meta = {
-        k: torch.empty(v.shape, device="meta") for k, v in module.state_dict(keep_vars=True).items()
-    }
-    try:
-        from transformers import PreTrainedModel
-        from transformers.modeling_utils import (
-            remove_tied_weights_from_state_dict,
-            revert_weight_conversion,
-        )
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return list(meta), False
-    if not isinstance(module, PreTrainedModel):
-        return list(meta), False
-    kept = remove_tied_weights_from_state_dict(meta, module)
-    converted = revert_weight_conversion(module, dict(kept))
-    return list(kept), set(converted) != set(kept)
-
-
-def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, dict]:
+def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, FileEntry]:
     rank, ws = state.rank, state.world_size
     header = {
         "format": "pt",
@@ -102,9 +93,9 @@ def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, dict]:
     opt = state.optimizer
     for fu in state.layout.flat_units:
         master = state.masters[fu.index]
-        params[_flat_key(fu.index)] = state.saved_slice(fu, master).detach()
+        params[flat_key(fu.index)] = state.saved_slice(fu, master).detach()
         for key, value in opt.state.get(master, {}).items():
-            name = f"{_flat_key(fu.index)}.{key}"
+            name = f"{flat_key(fu.index)}.{key}"
             if isinstance(value, torch.Tensor) and value.shape == master.shape:
                 optim[name] = state.saved_slice(fu, value).detach()
             elif isinstance(value, torch.Tensor):
@@ -131,77 +122,39 @@ def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, dict]:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
         except Exception as e:  # disk full, file too large, I/O error: name the file
             raise OSError(f"writing {path} failed: {type(e).__name__}: {e}") from e
-        out[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        out[name] = FileEntry(path.stat().st_size, _sha256(path))
     return out
 
 
-def _manifest(state: RankState, files: dict[str, dict]) -> dict:
-    opt = state.optimizer
-    groups = []
-    for g in opt.param_groups:
-        groups.append(
-            {
-                k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in g.items()
-                if k != "params" and _jsonable(v)
-            }
-        )
-    state_keys = {}
-    for fu in state.layout.flat_units:
-        st = opt.state.get(state.masters[fu.index], {})
-        if st:
-            state_keys[_flat_key(fu.index)] = sorted(st)
-    keys, converts = export_keys(state.module)
-    return {
-        "format_version": FORMAT_VERSION,
-        "stage": state.stage,
-        "world_size": state.world_size,
-        "mixed_precision": state.mixed_precision,
-        "step": state.counters.step,
-        "skipped_steps": state.counters.skipped_steps,
-        "config": dict(state.config),
-        "model_class": type(state.module).__name__,
-        "layout": layout_to_json(state.layout, state.param_dtypes),
-        "optimizer": {
-            "class": f"{type(opt).__module__}.{type(opt).__qualname__}",
-            "param_groups": groups,
-            "state_keys": state_keys,
-        },
-        "loss_scaler": dict(state.counters.loss_scaler),
-        "hf_export": {
-            "keys": keys,
-            "dtypes": {k: _export_dtype(state, k) for k in keys},
-            "weight_conversion": converts,
-        },
-        "files": files,
-    }
-
-
-def _export_dtype(state: RankState, key: str) -> str:
-    """The dtype an HF export writes for state-dict key `key`: the model's own."""
-    if key in state.param_dtypes:
-        return state.param_dtypes[key]
-    for fu in state.layout.flat_units:
-        for p in fu.params:
-            if key in p.aliases:
-                return state.param_dtypes[p.name]
-    return str(state.module.state_dict()[key].dtype).removeprefix("torch.")
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
-
-
 def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None) -> Path:
-    """Write a sharded checkpoint to `path` (collective; atomic). Returns the path."""
+    """Write a sharded checkpoint of `state` to `path` (collective; atomic).
+
+    Args:
+        state: this rank's view of the engine.
+        path: the checkpoint folder. It may not exist yet, be an empty folder, or be an hf_zero
+            checkpoint, which is replaced; anything else is refused.
+        tokenizer: saved next to the model's config files, as save_pretrained does.
+
+    Returns:
+        `path`.
+
+    Raises:
+        CheckpointError: the path may not be replaced (on every rank, before anything is
+            written), or the save failed on some rank (the previous checkpoint is left as it
+            was; the message names every failing rank's error).
+    """
     path = Path(path)
-    token = comm.all_gather_object(
-        uuid.uuid4().hex[:12], group=state.group, label="save_checkpoint"
-    )[0]
+    proposal = (uuid.uuid4().hex[:12], None)
+    if state.rank == 0:
+        try:
+            check_checkpoint_destination(path)
+        except CheckpointError as e:
+            proposal = (proposal[0], str(e))
+        except Exception as e:  # cannot even look: refused on every rank, not a hang
+            proposal = (proposal[0], f"cannot save a checkpoint to {path}: {type(e).__name__}: {e}")
+    token, refusal = comm.all_gather_object(proposal, group=state.group, label="save_checkpoint")[0]
+    if refusal is not None:
+        raise CheckpointError(refusal)
     tmp = path.parent / f"{path.name}.tmp-{token}"
     error, files = None, {}
     try:
@@ -222,7 +175,7 @@ def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None
                 gen.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            manifest = json.dumps(_manifest(state, all_files), indent=1)
+            manifest = json.dumps(Manifest.from_state(state, all_files).to_json(), indent=1)
             part = tmp / ZERO_DIR / (MANIFEST + ".part")
             part.write_text(manifest)
             os.replace(part, tmp / ZERO_DIR / MANIFEST)
@@ -240,60 +193,24 @@ def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None
     return path
 
 
-def _check_same_model(state: RankState, manifest: dict, where: str) -> None:
-    src = manifest["_layout"]
-    have = {p.name: tuple(p.shape) for fu in src.flat_units for p in fu.params}
-    want = {p.name: tuple(p.shape) for fu in state.layout.flat_units for p in fu.params}
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    if missing or extra:
-        raise CheckpointError(
-            f"{where} holds another model: parameters missing from it {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, parameters this model does not have {extra[:3]}"
-            f"{'...' if len(extra) > 3 else ''}"
-        )
-    for name, shape in want.items():
-        if have[name] != shape:
-            raise CheckpointError(
-                f"{where} holds another model: {name!r} has shape {have[name]} there, {shape} here"
-            )
-    want_cls = f"{type(state.optimizer).__module__}.{type(state.optimizer).__qualname__}"
-    if manifest["optimizer"].get("class") != want_cls:
-        raise CheckpointError(
-            f"{where} was saved with optimizer {manifest['optimizer'].get('class')}, "
-            f"this engine uses {want_cls}"
-        )
-    saved_groups = manifest["optimizer"].get("param_groups", [])
-    if len(saved_groups) != len(state.optimizer.param_groups):
-        raise CheckpointError(
-            f"{where} has {len(saved_groups)} optimizer param groups, "
-            f"this optimizer has {len(state.optimizer.param_groups)}"
-        )
+# dtypes a 0-dim optimizer state tensor (AdamW's step, ...) may have.
+_SCALAR_STATE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
-class _Files:
-    """Source files opened on demand. Each is checked against the manifest before its first use:
-    size and sha256, then its safetensors header (by safetensors), then its own metadata (rank,
-    world size, slice of the layout)."""
+class _Shards:
+    """The source files of one load, through the reader: each opened and verified once."""
 
-    def __init__(self, ckpt: Path, manifest: dict):
-        self.ckpt, self.manifest, self._open, self._keys = ckpt, manifest, {}, {}
+    def __init__(self, reader: CheckpointReader):
+        self.reader, self.ws = reader, reader.manifest.world_size
 
     def path(self, kind: str, rank: int) -> Path:
-        return self.ckpt / ZERO_DIR / shard_file(kind, rank, self.manifest["world_size"])
+        return self.reader.path(shard_file(kind, rank, self.ws))
 
     def get(self, kind: str, rank: int):
-        name = shard_file(kind, rank, self.manifest["world_size"])
-        if name not in self._open:
-            path = verify_file(self.ckpt, self.manifest, name)
-            f = open_shard(path)
-            check_shard_metadata(path, f.metadata(), self.manifest["_layout"], rank)
-            self._open[name], self._keys[name] = f, set(f.keys())
-        return self._open[name]
+        return self.reader.shard(kind, rank)[0]
 
     def keys(self, kind: str, rank: int) -> set[str]:
-        self.get(kind, rank)
-        return self._keys[shard_file(kind, rank, self.manifest["world_size"])]
+        return self.reader.shard(kind, rank)[1]
 
     def flat(self, kind: str, rank: int, key: str, numel: int):
         """The slice handle of tensor `key`, checked to be F32 [numel]: one rank's slice of a
@@ -321,155 +238,136 @@ class _Files:
                 )
 
 
-# dtypes a 0-dim optimizer state tensor (AdamW's step, ...) may have.
-_SCALAR_STATE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
-
-
-def _fits(current: Any, saved: Any) -> bool:
-    """Whether a hyperparameter saved in the manifest can replace this optimizer's value."""
-    if isinstance(current, bool):
-        return isinstance(saved, bool)
-    if isinstance(current, int | float | torch.Tensor):
-        return isinstance(saved, int | float) and not isinstance(saved, bool)
-    if isinstance(current, tuple | list):
-        return (
-            isinstance(saved, list)
-            and len(saved) == len(current)
-            and all(_fits(c, s) for c, s in zip(current, saved))
-        )
-    if isinstance(current, str):
-        return isinstance(saved, str)
-    if isinstance(current, dict):
-        return isinstance(saved, dict)
-    return current is None and not isinstance(saved, list | dict)  # foreach, fused: None or a flag
-
-
-def _restored(g: dict, key: str) -> bool:
-    """Whether a saved hyperparameter `key` replaces this param group's on load: the ones the
-    group has, except its params and the kernel choice, which stays the loading engine's."""
-    return key in g and key != "params" and key not in IMPLEMENTATION_KEYS
-
-
-def _check_param_groups(opt: torch.optim.Optimizer, saved_groups: list, where: str) -> None:
-    for i, (g, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        for k, v in saved.items():
-            if _restored(g, k) and not _fits(g[k], v):
-                raise CheckpointError(
-                    f"{where}: optimizer param group {i} has {k}={_show(v)}, which cannot "
-                    f"replace this optimizer's {k}={_show(g[k])}"
-                )
-
-
-def _check_loss_scaler(state: RankState, manifest: dict, where: str) -> dict:
-    """The manifest as the engine should see it: a dynamic loss scaler's saved state checked,
-    or, when the checkpoint was saved without one, the engine's own state kept."""
-    if not state.dynamic_loss_scale:
-        return manifest
-    saved = manifest.get("loss_scaler") or {}
-    if not saved:
-        return {**manifest, "loss_scaler": dict(state.counters.loss_scaler)}
-    scale, good = saved.get("scale"), saved.get("good_steps")
-    if not (
-        isinstance(scale, int | float)
-        and not isinstance(scale, bool)
-        and math.isfinite(scale)
-        and scale > 0
-        and type(good) is int
-        and good >= 0
-    ):
-        raise CheckpointError(f"{where}: bad loss_scaler state {_show(saved)}")
-    return manifest
-
-
 @torch.no_grad()
-def load_checkpoint(state: RankState, path: str | os.PathLike) -> dict:
-    """Load `path` into `engine` (collective), resharding when world size or stage differ.
-    Returns the manifest.
+def load_checkpoint(
+    state: RankState,
+    path: str | os.PathLike,
+    *,
+    weights_only: bool = False,
+    restore_rng: bool = True,
+) -> Manifest:
+    """Load `path` into `state` (collective), resharding when world size or stage differ.
 
-    Phases:
-      1. Read and check: the manifest, every file this rank will read (size, sha256, header,
-         metadata), every tensor's dtype and shape, the optimizer state it lists, buffers,
-         hyperparameters, loss scaler and RNG states.
-      2. Agree: one small collective tells every rank whether any rank's check failed. If one
-         did, every rank raises (the failing rank its own error, the others a CheckpointError
-         naming it) and every engine is exactly as it was.
-      3. Copy into the engine: masters, optimizer state, hyperparameters, buffers, counters,
-         RNG states.
+    Args:
+        state: this rank's view of the engine.
+        path: a checkpoint saved by `save_checkpoint` at any world size and stage.
+        weights_only: load the weights (parameters and buffers) only: the optimizer state,
+            hyperparameters, step counters, loss scale and RNG states stay this engine's (fresh
+            in a new engine), and the optimizer files are not read. The optimizer may then
+            differ from the saved one (param groups, trainable parameters, class).
+        restore_rng: restore every rank's RNG states (torch, CUDA, python, numpy) when the world
+            size is the saved one. Pass False when the host framework restores its own
+            (Accelerate, the Trainer).
+
+    Returns:
+        The checkpoint's manifest.
 
     Raises:
-        CheckpointError: the checkpoint failed a check on this rank or on another one.
+        CheckpointError: the checkpoint failed a check on this rank or on another one, does not
+            fit this engine (`compat`), or changed while loading (a save replaced it); the
+            engine is left exactly as it was.
     """
     ckpt = Path(path)
-    error, checked = None, None
+    reader, error, checked = None, None, None
     try:
-        checked = _check_for_load(state, ckpt)
-    except Exception as e:  # reported to every rank below, then raised
-        error = e
-    reports = comm.all_gather_object(
-        None if error is None else f"{type(error).__name__}: {error}",
-        group=state.group,
-        label="load_checkpoint",
-    )
-    if error is not None:
-        raise error
-    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
-    if failed:
-        detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-        raise CheckpointError(
-            f"loading checkpoint {ckpt} failed on another rank, this rank's engine is left as "
-            f"it was: {detail}"
+        try:
+            reader = CheckpointReader(ckpt)
+            checked = _check_for_load(state, reader, weights_only, restore_rng)
+        except Exception as e:  # reported to every rank below, then raised
+            error = e
+        reports = comm.all_gather_object(
+            (
+                None if error is None else f"{type(error).__name__}: {error}",
+                None if reader is None else (reader.digest, reader.manifest.step),
+            ),
+            group=state.group,
+            label="load_checkpoint",
         )
-    _apply_loaded(state, checked)
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, (msg, _) in enumerate(reports) if msg is not None]
+        if failed:
+            detail = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+            raise CheckpointError(
+                f"loading checkpoint {ckpt} failed on another rank, this rank's engine is left "
+                f"as it was: {detail}"
+            )
+        if len({seen for _, seen in reports}) > 1:
+            by_rank = ", ".join(f"rank {r}: step {seen[1]}" for r, (_, seen) in enumerate(reports))
+            raise CheckpointError(
+                f"{ckpt}: the checkpoint changed while loading (the ranks read different "
+                f"manifests: {by_rank}); a save to this path was probably running: load again "
+                "once it has finished. Every engine is left as it was"
+            )
+        _apply_loaded(state, checked)
+    finally:
+        checked = None  # the slice handles read from the reader's files
+        if reader is not None:
+            reader.close()
     comm.barrier(group=state.group, label="load_checkpoint")
-    return checked.manifest
+    return reader.manifest
 
 
 @dataclass
 class _Checked:
     """What phase 1 of a load found and checked: everything phase 3 copies into the state."""
 
-    manifest: dict
-    seen_by_engine: dict  # the manifest as the engine takes it (see _check_loss_scaler)
+    manifest: Manifest
+    weights_only: bool
+    loss_scaler: dict  # what the engine takes (compat.check_loss_scaler)
     masters_from: dict  # flat index -> [(read, slice handle)]
     states_from: dict  # flat index -> {state key: 0-dim tensor | [(read, slice handle)]}
     buffers: list  # [(model buffer, saved value)]
     restore_rng: Callable[[], None] | None
-    files: _Files  # the open files the slice handles read from
 
 
-def _check_for_load(state: RankState, ckpt: Path) -> _Checked:
+def _check_for_load(
+    state: RankState, reader: CheckpointReader, weights_only: bool, restore_rng: bool
+) -> _Checked:
     """Phase 1 of `load_checkpoint`: read and check, changing nothing."""
-    manifest = read_manifest(ckpt)
-    where = str(ckpt)
-    _check_same_model(state, manifest, where)
-    src = manifest["_layout"]
-    files = _Files(ckpt, manifest)
-    state_keys = manifest["optimizer"].get("state_keys", {})
-    opt = state.optimizer
+    manifest = reader.manifest
+    where = str(reader.ckpt)
+    compat.check_same_model(state, manifest, where)
+    if not weights_only:
+        compat.check_optimizer(state, manifest, where)
+    src = manifest.layout
+    files = _Shards(reader)
+    state_keys = manifest.optimizer.state_keys
     plans = {
         fu.index: plan_reads(src, fu, *state.owned[fu.index]) for fu in state.layout.flat_units
     }
     ranks = sorted({0} | {rd.src_rank for reads in plans.values() for rd in reads})
-    for r in ranks:
+    for r in ranks:  # every file this rank reads is opened and verified before any is read
         files.get("params", r)
-        files.get("optim", r)
-        files.check_state_keys(r, state_keys)
+        if not weights_only:
+            files.get("optim", r)
+            files.check_state_keys(r, state_keys)
+    rng_name = shard_file("rng", state.rank, manifest.world_size)
+    # Per-rank streams only mean the same at the same world size.
+    rng_wanted = (
+        restore_rng
+        and not weights_only
+        and manifest.world_size == state.world_size
+        and rng_name in manifest.files
+    )
+    if rng_wanted:
+        files.get("rng", state.rank)
 
     def flat(kind: str, rd, key: str):
         return files.flat(kind, rd.src_rank, key, src.flat_units[rd.src_flat].shard_numel)
 
-    # Phase 1: per flat unit, (read, slice handle) pairs for the masters and each state key; a
-    # 0-dim state tensor is read whole.
+    # Per flat unit, (read, slice handle) pairs for the masters and each state key; a 0-dim
+    # state tensor is read whole.
     masters_from, states_from = {}, {}
     for fu in state.layout.flat_units:
         reads = plans[fu.index]
-        masters_from[fu.index] = [(rd, flat("params", rd, _flat_key(rd.src_flat))) for rd in reads]
-        if not fu.trainable:
+        masters_from[fu.index] = [(rd, flat("params", rd, flat_key(rd.src_flat))) for rd in reads]
+        if weights_only or not fu.trainable:
             continue
-        keys = state_keys.get(_flat_key(reads[0].src_flat), []) if reads else []
+        keys = state_keys.get(flat_key(reads[0].src_flat), []) if reads else []
         flat_state = {}
         for key in keys:
-            first, probe = reads[0].src_rank, f"{_flat_key(reads[0].src_flat)}.{key}"
+            first, probe = reads[0].src_rank, f"{flat_key(reads[0].src_flat)}.{key}"
             if probe in files.keys("optim", first):
                 sl = files.get("optim", first).get_slice(probe)
                 if sl.get_shape() == []:
@@ -481,13 +379,23 @@ def _check_for_load(state: RankState, ckpt: Path) -> _Checked:
                     flat_state[key] = files.get("optim", first).get_tensor(probe)
                     continue
             flat_state[key] = [
-                (rd, flat("optim", rd, f"{_flat_key(rd.src_flat)}.{key}")) for rd in reads
+                (rd, flat("optim", rd, f"{flat_key(rd.src_flat)}.{key}")) for rd in reads
             ]
         states_from[fu.index] = flat_state
-    _check_param_groups(opt, manifest["optimizer"].get("param_groups", []), where)
+    loss_scaler = dict(state.counters.loss_scaler)
+    if not weights_only:
+        compat.check_param_groups(state.optimizer, manifest.optimizer.param_groups, where)
+        loss_scaler = compat.check_loss_scaler(state, manifest, where)
     buffers = []  # small and saved once, by rank 0
     params0 = files.get("params", 0)
-    for name, buf in state.module.named_buffers():
+    # Buffers, and the frozen parameters the engine keeps whole (outside the layout): what the
+    # save wrote as `buffer:` tensors.
+    in_layout = {
+        n for fu in state.layout.flat_units for p in fu.params for n in (p.name, *p.aliases)
+    }
+    for name, buf in state.module.state_dict(keep_vars=True).items():
+        if name in in_layout:
+            continue
         key = f"buffer:{name}"
         if key in files.keys("params", 0):
             value = params0.get_tensor(key)
@@ -497,34 +405,28 @@ def _check_for_load(state: RankState, ckpt: Path) -> _Checked:
                     f"{list(value.shape)}, the model's is {buf.dtype} {list(buf.shape)}"
                 )
             buffers.append((buf, value))
-    seen_by_engine = _check_loss_scaler(state, manifest, where)
-    restore_rng = None
-    if manifest["world_size"] == state.world_size:  # per-rank streams only mean the same then
-        if shard_file("rng", state.rank, manifest["world_size"]) in manifest["files"]:
-            rng = files.get("rng", state.rank)
-            restore_rng = read_rng(rng, files.path("rng", state.rank))
-    return _Checked(
-        manifest, seen_by_engine, masters_from, states_from, buffers, restore_rng, files
-    )
+    rng = read_rng(files.get("rng", state.rank), reader.path(rng_name)) if rng_wanted else None
+    return _Checked(manifest, weights_only, loss_scaler, masters_from, states_from, buffers, rng)
 
 
 def _apply_loaded(state: RankState, checked: _Checked) -> None:
     """Phase 3 of `load_checkpoint`: nothing here can fail on the checkpoint's account."""
     opt, manifest = state.optimizer, checked.manifest
-    masters_from, states_from = checked.masters_from, checked.states_from
     for fu in state.layout.flat_units:
         master = state.masters[fu.index]
         master.zero_()
-        for rd, sl in masters_from[fu.index]:
+        for rd, sl in checked.masters_from[fu.index]:
             master[rd.dst_start : rd.dst_start + rd.length].copy_(
                 sl[rd.src_start : rd.src_start + rd.length]
             )
-        if not fu.trainable:
+        if checked.weights_only or not fu.trainable:
             continue
         flat_state = {}
-        for key, source in states_from[fu.index].items():
+        for key, source in checked.states_from[fu.index].items():
             if isinstance(source, torch.Tensor):
-                flat_state[key] = source.to(master.device)
+                # A copy each: safetensors hands out views of one mapped file, and two flat
+                # units reading the same saved step would share it (and count each step twice).
+                flat_state[key] = source.to(master.device, copy=True)
                 continue
             value = torch.zeros_like(master)
             for rd, sl in source:
@@ -536,20 +438,19 @@ def _apply_loaded(state: RankState, checked: _Checked) -> None:
             opt.state[master] = flat_state
         else:
             opt.state.pop(master, None)
-    for g, saved in zip(opt.param_groups, manifest["optimizer"].get("param_groups", [])):
-        for k, v in saved.items():
-            if _restored(g, k):
-                g[k] = tuple(v) if isinstance(g[k], tuple) else v
+    if not checked.weights_only:
+        for g, saved in zip(opt.param_groups, manifest.optimizer.param_groups):
+            for k, v in saved.items():
+                if compat.restored(g, k):
+                    g[k] = tuple(v) if isinstance(g[k], tuple) else v
     for buf, value in checked.buffers:
         buf.copy_(value)
-    seen = checked.seen_by_engine
-    state.restore(
-        Counters(
-            step=int(seen["step"]),
-            skipped_steps=int(seen.get("skipped_steps", 0)),
-            loss_scaler=dict(seen.get("loss_scaler") or {}),
-        )
+    counters = (
+        state.counters
+        if checked.weights_only
+        else Counters(manifest.step, manifest.skipped_steps, checked.loss_scaler)
     )
+    state.restore(counters)
     if checked.restore_rng is not None:
         checked.restore_rng()
 
@@ -569,7 +470,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         if not d.is_dir() or ".tmp-" in d.name or ".old-" in d.name:
             continue
         try:
-            step = int(read_manifest(d)["step"])
+            step = Manifest.read(d).step
         except CheckpointError:
             continue
         if best_key is None or (step, d.name) > best_key:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from hf_zero.checkpoint import CheckpointError, latest_checkpoint
-from hf_zero.checkpoint.format import read_manifest, verify_file
+from hf_zero.checkpoint.reader import CheckpointReader
 from tests.helpers.faults import (
     MARGIN_S,
     FaultRecord,
@@ -72,9 +72,9 @@ def verify_checkpoint(path: Path) -> str | None:
     """None when the checkpoint at `path` is complete (its manifest reads and every file matches
     the manifest's size and sha256), else what is wrong."""
     try:
-        manifest = read_manifest(path)
-        for name in manifest["files"]:
-            verify_file(path, manifest, name)
+        with CheckpointReader(path) as reader:
+            for name in reader.manifest.files:
+                reader.verify(name)
     except CheckpointError as e:
         return str(e)
     return None
@@ -269,7 +269,7 @@ def _save_worker(rank, world_size, path, stage):
 
 def _load_worker(rank, world_size, path, stage):
     engine = make_engine(stage, timeout_s=CKPT_TIMEOUT_S)
-    masters = engine.sharded_optimizer.masters
+    masters = engine._checkpoint_state().masters
     before = {i: m.detach().clone() for i, m in masters.items()}
     t0 = time.monotonic()
     try:
