@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_engines import ENGINES as TABLE
 from bench_report import FORMULA_RTOL, markdown, plots, targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,47 +63,14 @@ MODELS = {
     "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8, "vocab_size": 50257},
     "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
 }
-ENGINES = [
-    "single",
-    "single_fused",
-    "ddp",
-    "ddp_fused",
-    "zero_redundancy",
-    "fsdp2",
-    "fsdp2_no_reshard",
-    "hf_zero0",
-    "hf_zero1",
-    "hf_zero2",
-    "hf_zero3",
-    "deepspeed2",
-    "deepspeed3",
-]
-# Which ZeRO stage an engine's memory matches, and its communication volume in elements per
-# rank per step (the ZeRO paper's convention: an all-reduce is 2Ψ, a reduce-scatter or an
-# all-gather Ψ).
-STAGE = {
-    "single": 0,
-    "single_fused": 0,
-    "ddp": 0,
-    "ddp_fused": 0,
-    "hf_zero0": 0,
-    "zero_redundancy": 1,
-    "hf_zero1": 1,
-    "hf_zero2": 2,
-    "deepspeed2": 2,
-    "hf_zero3": 3,
-    "fsdp2": 3,
-    "fsdp2_no_reshard": 3,
-    "deepspeed3": 3,
-}
-VOLUME = {e: (3 if STAGE[e] == 3 and e != "fsdp2_no_reshard" else 2) for e in STAGE}
-VOLUME["single"] = VOLUME["single_fused"] = 0
-PEERS = {
-    "hf_zero0": ["ddp", "ddp_fused"],
-    "hf_zero1": ["zero_redundancy"],
-    "hf_zero2": ["deepspeed2"],
-    "hf_zero3": ["deepspeed3", "fsdp2"],
-}
+# The engines and what each must show live in one table (bench_engines.py), read by the worker
+# and the tests too. Derived here: which ZeRO stage an engine's memory matches, its communication
+# volume in elements per rank per step (the ZeRO paper's convention: an all-reduce is 2Ψ, a
+# reduce-scatter or an all-gather Ψ), and the peers its step time is compared with.
+ENGINES = list(TABLE)
+STAGE = {e.name: e.stage for e in TABLE.values()}
+VOLUME = {e.name: e.volume for e in TABLE.values()}
+PEERS = {e.name: list(e.peers) for e in TABLE.values() if e.peers}
 LOSS_RTOL = 1e-4  # fp32, a few steps: reduction order moves the loss by ~1e-6 relative
 
 
@@ -132,11 +100,20 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+def missing_requirement(engine: str) -> str | None:
+    """Why `engine` cannot run here (its optional package is not installed), or None."""
+    need = TABLE[engine].requires
+    if need is None or importlib.util.find_spec(need) is not None:
+        return None
+    shown = {"deepspeed": "DeepSpeed"}.get(need, need)
+    return f"{shown} is not installed (see README)"
+
+
 def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, **extra) -> dict:
     """Run one engine in fresh processes; returns the per-rank results merged, or an error."""
     out = work / f"{model_key}-n{world_size}-{engine}"
     out.mkdir(parents=True, exist_ok=True)
-    ranks = 1 if engine.startswith("single") else world_size
+    ranks = 1 if TABLE[engine].single else world_size
     spec = {
         "engine": engine,
         "model": MODELS[model_key],
@@ -154,7 +131,7 @@ def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, *
     env = {
         **os.environ,
         **MMAP_ENV,
-        "OMP_NUM_THREADS": str(world_size if engine.startswith("single") else 1),
+        "OMP_NUM_THREADS": str(world_size if TABLE[engine].single else 1),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -222,7 +199,7 @@ def annotate(res: dict, numel: int) -> None:
     if "error" in res:
         return
     e, n = res["engine"], res["world_size"]
-    stage_n = 1 if e.startswith("single") else n
+    stage_n = 1 if TABLE[e].single else n
     res["numel"] = numel
     res["formula_bytes"] = formula_bytes(STAGE[e], numel, stage_n)
     res["state_over_formula"] = max(res["state_bytes"]) / res["formula_bytes"]
@@ -463,13 +440,12 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hf_zero_bench-", dir=out_dir if args.keep_work else None))
-    have_ds = deepspeed_available()
     started = time.perf_counter()
     numel_of = {m: count_params(MODELS[m], args.seq) for m in {args.model, *args.sizes}}
 
     def one(engine, model_key, n, **kw):
-        if engine.startswith("deepspeed") and not have_ds:
-            return {"engine": engine, "skipped": "DeepSpeed is not installed (see README)"}
+        if (why := missing_requirement(engine)) is not None:
+            return {"engine": engine, "skipped": why}
         t0 = time.perf_counter()
         res = run_engine(engine, args, model_key, n, work, **kw)
         annotate(res, numel_of[model_key])

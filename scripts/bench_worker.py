@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bench_engines import ENGINES as TABLE
 
 ADAMW = {"lr": 1e-4, "weight_decay": 0.01}
 BUCKET = 2**23  # elements per gradient bucket: hf_zero's default bucket_size
@@ -180,7 +181,7 @@ def setup_hf_zero(model, spec, device, stage):
     def extra():
         return {
             "comm_stats": engine.comm_stats(),
-            "comm_path": dict(engine.stats.paths),
+            "comm_path": dict(engine._stats.paths),
         }
 
     return step, extra
@@ -223,24 +224,15 @@ def setup_deepspeed(model, spec, device, stage):
     return step, None
 
 
-ENGINES = {
-    "single": setup_single,
-    "single_fused": partial(setup_single, fused=True),
-    "ddp": setup_ddp,
-    "ddp_fused": partial(setup_ddp, fused=True),
-    "zero_redundancy": partial(setup_ddp, zero_redundancy=True),
-    "fsdp2": partial(setup_fsdp2, reshard=True),
-    "fsdp2_no_reshard": partial(setup_fsdp2, reshard=False),
-    **{f"hf_zero{k}": partial(setup_hf_zero, stage=k) for k in range(4)},
-    **{f"deepspeed{k}": partial(setup_deepspeed, stage=k) for k in (2, 3)},
-}
+# Engine name -> its setup, as bench_engines.py (the one table of engines) gives it.
+ENGINES = {name: partial(globals()[e.setup], **e.options) for name, e in TABLE.items()}
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(sys.argv[2])
     engine_name = spec["engine"]
-    single = engine_name.startswith("single")
+    single = TABLE[engine_name].single
     world_size = 1 if single else spec["world_size"]
     cuda = spec["device"] == "cuda"
     torch.set_num_threads(spec["world_size"] if single and not cuda else 1)
@@ -255,7 +247,7 @@ def main() -> None:
         WORLD_SIZE=str(world_size),
     )
     backend = "nccl" if cuda else "gloo"
-    if engine_name.startswith("deepspeed"):
+    if TABLE[engine_name].setup == "setup_deepspeed":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))

@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_engines import ENGINES as TABLE  # noqa: E402  (scripts/ is not a package)
+
+sys.path.remove(str(ROOT / "scripts"))
 
 
 @pytest.fixture(scope="module")
@@ -47,31 +51,41 @@ def test_every_engine_ran_or_says_why_not(report):
     import importlib.util
 
     main = report["main"]
-    have_ds = importlib.util.find_spec("deepspeed") is not None
-    for engine in (
-        "single",
-        "single_fused",
-        "ddp",
-        "ddp_fused",
-        "zero_redundancy",
-        "fsdp2",
-        "fsdp2_no_reshard",
-    ):
-        assert "step_s" in main[engine], main[engine]
+    assert list(main) == list(TABLE)
+    for name, engine in TABLE.items():
+        if engine.requires is None or importlib.util.find_spec(engine.requires) is not None:
+            assert "step_s" in main[name], main[name]
+        else:
+            assert "not installed" in main[name]["skipped"]
     # The kernel each engine's AdamW ran with, read off the optimizer: hf_zero picks the fused
     # one for its flat shards; the plain engines keep torch's default unless asked.
     kernels = {e: r["optimizer_kernel"] for e, r in main.items() if "step_s" in r}
     for engine, kernel in kernels.items():
-        fused = engine.endswith("_fused") or engine.startswith("hf_zero")
-        assert kernel == ("fused" if fused else "default"), (engine, kernel)
-    for stage in range(4):
-        assert "step_s" in main[f"hf_zero{stage}"], main[f"hf_zero{stage}"]
-    for engine in ("deepspeed2", "deepspeed3"):
-        if have_ds:
-            assert "step_s" in main[engine], main[engine]
-        else:
-            assert "not installed" in main[engine]["skipped"]
+        assert kernel == ("fused" if TABLE[engine].fused else "default"), (engine, kernel)
     assert report["problems"] == []
+
+
+def test_the_engine_table_is_what_the_benchmark_and_its_worker_run():
+    bench = _scripts_module("bench")
+    assert bench.ENGINES == list(TABLE)
+    assert {f"hf_zero{k}" for k in range(4)} <= set(TABLE)
+    for name, engine in TABLE.items():
+        assert bench.STAGE[name] == engine.stage
+        assert bench.VOLUME[name] == engine.volume
+        assert bench.PEERS.get(name, []) == list(engine.peers)
+        assert all(p in TABLE for p in engine.peers), name
+    # The ZeRO paper's volumes: 2Ψ for stages 0-2 (all-reduce, or reduce-scatter + all-gather),
+    # 3Ψ for stage 3 when it re-gathers parameters in backward, none for one process.
+    assert TABLE["hf_zero3"].volume == TABLE["fsdp2"].volume == 3
+    assert TABLE["fsdp2_no_reshard"].volume == TABLE["hf_zero2"].volume == 2
+    assert TABLE["single"].volume == 0 and TABLE["single"].single
+    # The worker builds each engine with the setup function and options the table names.
+    worker = _scripts_module("bench_worker")
+    assert list(worker.ENGINES) == list(TABLE)
+    for name, engine in TABLE.items():
+        built = worker.ENGINES[name]
+        assert built.func is getattr(worker, engine.setup), name
+        assert built.keywords == engine.options, name
 
 
 def test_losses_agree_across_engines(report):
@@ -84,6 +98,7 @@ def test_losses_agree_across_engines(report):
 def test_hf_zero_model_state_bytes_equal_the_formula(report):
     for stage in range(4):
         r = report["main"][f"hf_zero{stage}"]
+        assert TABLE[f"hf_zero{stage}"].stage == stage
         assert r["world_size"] == 2
         for total in r["hf_zero_state_bytes"]:
             assert abs(total / r["formula_bytes"] - 1) <= 0.005, (stage, total, r["formula_bytes"])
