@@ -15,7 +15,19 @@ ones the fault tests run (tests/helpers/faults.py and checkpoint_faults.py):
 - nonfinite: a NaN loss without a loss scaler, fp32 and bf16, raise and skip, at each stage.
 - save: SIGKILL during a save, RLIMIT_FSIZE mid-file, an impossible checkpoint directory; at
   one stage: 2, or the first of --stages (every stage saves the same per-rank slices).
-- load: a truncated, a flipped-byte and a missing rank file, at the same stage.
+- load: a truncated, a flipped-byte and a missing rank file, at the same stage; a shard that
+  is a symlink, and one replaced while a load runs (one rank).
+- replace: a save onto a folder of user files, a folder of checkpoints, a plain file (the data
+  must be byte-identical after the refusal); `hf-zero consolidate` into the checkpoint, around
+  it, over a folder of other files, under a file; a save whose previous version cannot be
+  deleted (chattr +i; the warning names the leftover).
+- concurrent: a saver and a loader on one path for 5 s (every load one save's state, or "the
+  checkpoint changed while loading"); ranks of one load that read different manifests.
+- resume: param groups in another order, unfrozen parameters (refused naming them; then
+  `weights_only=True` loads the exact weights).
+- misuse: mistakes around the training loop (two backwards without no_sync, a forgotten
+  zero_grad, an idle step, two clips, torch's own clipping, initialize twice, frozen int64 and
+  float64 parameters, save_pretrained, fp16 with a NaN loss every step), at each stage (one job).
 
 Progress goes to stderr, one line per scenario. Exits 1 if any scenario did not behave as
 required, 0 otherwise.
@@ -35,12 +47,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import checkpoint_faults, faults  # noqa: E402
+from tests.helpers import checkpoint_faults, checkpoint_misuse, faults  # noqa: E402
 from tests.helpers.faults import FaultRecord  # noqa: E402
 
-FAMILIES = ("dead-rank", "stalled-rank", "disagree", "nonfinite", "save", "load")
+FAMILIES = (
+    "dead-rank",
+    "stalled-rank",
+    "disagree",
+    "nonfinite",
+    "save",
+    "load",
+    "replace",
+    "concurrent",
+    "resume",
+    "misuse",
+)
 # --quick: one stage per family; together they still cover every stage once.
-QUICK_STAGES = {"dead-rank": 3, "stalled-rank": 0, "nonfinite": 1, "save": 2, "load": 2}
+QUICK_STAGES = {
+    "dead-rank": 3,
+    "stalled-rank": 0,
+    "nonfinite": 1,
+    "save": 2,
+    "load": 2,
+    "misuse": 3,
+}
 COLUMNS = (
     "fault",
     "stage",
@@ -118,6 +148,43 @@ def plan(
                 lambda s=s: checkpoint_faults.corrupted_file_on_load(stage=s),
             )
         )
+        for case in checkpoint_misuse.SHARD_TROUBLES:
+            out.append(
+                Scenario(
+                    checkpoint_misuse.SHARD_TROUBLES[case],
+                    lambda c=case: [checkpoint_misuse.shard_trouble(c)],
+                )
+            )
+    if "replace" in only:
+        for kind, label in checkpoint_misuse.FOREIGN.items():
+            out.append(Scenario(label, lambda k=kind: [checkpoint_misuse.save_over_foreign(k)]))
+        for kind, label in checkpoint_misuse.CONSOLIDATE_MISUSES.items():
+            out.append(Scenario(label, lambda k=kind: [checkpoint_misuse.consolidate_misuse(k)]))
+        out.append(
+            Scenario(
+                "previous version cannot be deleted",
+                lambda: [checkpoint_misuse.undeletable_previous_version()],
+            )
+        )
+    if "concurrent" in only:
+        out.append(
+            Scenario(
+                "concurrent save and load, 5 s",
+                lambda: [checkpoint_misuse.concurrent_save_and_load(5.0)],
+            )
+        )
+        out.append(
+            Scenario(
+                "ranks read different manifests",
+                lambda: [checkpoint_misuse.ranks_read_different_manifests()],
+            )
+        )
+    if "resume" in only:
+        for case, label in checkpoint_misuse.RESUME_MISMATCHES.items():
+            out.append(Scenario(label, lambda c=case: [checkpoint_misuse.resume_mismatch(c)]))
+    if "misuse" in only:
+        st = at("misuse")
+        out.append(Scenario(f"misuse, stages {st}", lambda st=st: faults.misuse(stages=st)))
     return out
 
 

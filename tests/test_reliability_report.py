@@ -88,14 +88,15 @@ def test_summary_line(report):
 
 def test_plan_covers_every_stage_once_in_quick_mode(report):
     full = [s.label for s in report.plan()]
-    assert len(full) == 4 + 1 + 4 + 4 + 3 + 1
+    assert len(full) == 4 + 1 + 4 + 4 + 3 + 3 + 8 + 2 + 2 + 1  # ... resume, misuse
     assert [s for s in full if s.startswith("dead rank")] == [
         f"dead rank, stage {s}" for s in range(4)
     ]
     assert "stalled rank, stages [0, 1, 2, 3]" in full
     quick = [s.label for s in report.plan(quick=True)]
-    assert len(quick) == 1 + 1 + 4 + 4 + 3 + 1
+    assert len(quick) == 1 + 1 + 4 + 4 + 3 + 3 + 8 + 2 + 2 + 1
     assert "dead rank, stage 3" in quick and "stalled rank, stages [0]" in quick
+    assert "misuse, stages [0, 1, 2, 3]" in full and "misuse, stages [3]" in quick
     only = [s.label for s in report.plan([0, 3], only=["dead-rank", "save"])]
     assert only == [
         "dead rank, stage 0",
