@@ -66,12 +66,18 @@ def main() -> None:
         sys.exit(f"the global batch of {GLOBAL_BATCH} rows does not split over {world_size} ranks")
     rows = GLOBAL_BATCH // world_size
 
+    # One GPU per process where there are GPUs (NCCL), the CPU otherwise (gloo).
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if world.backend == "nccl"
+        else torch.device("cpu")
+    )
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = torch.nn.Linear(len(TRUE_WEIGHT), 1)
+    model = torch.nn.Linear(len(TRUE_WEIGHT), 1).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     engine = hf_zero.initialize(model, optimizer, config=hf_zero.ZeroConfig(stage=args.stage))
 
-    x, y = make_batches(args.steps)
+    x, y = (t.to(device) for t in make_batches(args.steps))
     for step in range(args.steps):
         with torch.no_grad():  # the loss of the whole global batch: what one process trains on
             global_loss = F.mse_loss(engine(x[step]), y[step]).item()

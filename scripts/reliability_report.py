@@ -7,7 +7,7 @@
 Columns: fault, stage, world size, time to failure (with the bound it must meet), the message the
 surviving ranks raised (first line), whether the previous checkpoint is intact, and whether the
 scenario behaved as required; the unmet requirements follow the table. The scenarios are the
-ones the fault tests run (tests/helpers/faults.py and checkpoint_faults.py):
+ones the fault tests run (scripts/harness/faults.py and checkpoint_faults.py):
 
 - dead-rank: SIGKILL one of 3 ranks mid-backward, at each stage.
 - stalled-rank: one of 3 ranks sleeps past a 3 s collective timeout, at each stage (one job).
@@ -47,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import checkpoint_faults, checkpoint_misuse, faults  # noqa: E402
-from tests.helpers.faults import FaultRecord  # noqa: E402
+from scripts.harness import checkpoint_faults, checkpoint_misuse, faults  # noqa: E402
+from scripts.harness.faults import FaultRecord  # noqa: E402
 
 FAMILIES = (
     "dead-rank",

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.dist import find_free_port
+from scripts.harness.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "accelerate_scripts"

@@ -24,8 +24,11 @@ import hf_zero
 import hf_zero.checkpoint.format as fmt
 import hf_zero.checkpoint.reader as reader
 from hf_zero.checkpoint import CheckpointError
-from tests.helpers.checkpoint_misuse import concurrent_save_and_load, ranks_read_different_manifests
-from tests.parity_cases import make_model, param_groups
+from scripts.harness.cases import make_model, param_groups
+from scripts.harness.checkpoint_misuse import (
+    concurrent_save_and_load,
+    ranks_read_different_manifests,
+)
 
 IDS = torch.arange(16).reshape(2, 8) % 97
 

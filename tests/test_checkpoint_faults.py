@@ -6,7 +6,7 @@ with a CheckpointError naming the file and what is wrong, before anything is loa
 SIGKILLed in the middle of a save, or a disk error in one, leaves the previous checkpoint intact,
 and `latest_checkpoint` picks the newest complete one. Nothing in a checkpoint is a pickle.
 
-The multi-rank save faults run in tests/helpers/checkpoint_faults.py, shared with
+The multi-rank save faults run in scripts/harness/checkpoint_faults.py, shared with
 scripts/reliability_report.py; these tests assert on the records they return."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
-from tests.helpers.checkpoint_faults import (
+from scripts.harness.cases import make_model, param_groups
+from scripts.harness.checkpoint_faults import (
     corrupted_file_on_load,
     disk_error_during_save,
     sigkill_during_save,
 )
-from tests.parity_cases import make_model, param_groups
 
 IDS = torch.arange(16).reshape(2, 8) % 97
 

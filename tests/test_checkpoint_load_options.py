@@ -4,7 +4,7 @@ two ways to load less: `weights_only=True` and `restore_rng=False`.
 Param groups in another order, or parameters whose trainability changed, are refused like torch's
 `load_state_dict` refuses them, naming the parameters, their group or trainability in the
 checkpoint and here, and the options; on every rank, with every engine unchanged (the multi-rank
-scenarios run in tests/helpers/checkpoint_misuse.py, shared with the reliability report).
+scenarios run in scripts/harness/checkpoint_misuse.py, shared with the reliability report).
 `weights_only=True` loads exactly the saved weights and keeps the engine's optimizer state,
 counters and RNG; `restore_rng=False` loads everything but the RNG states.
 """
@@ -20,8 +20,8 @@ import torch
 
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
-from tests.helpers.checkpoint_misuse import RESUME_MISMATCHES, resume_mismatch
-from tests.parity_cases import make_model, param_groups
+from scripts.harness.cases import make_model, param_groups
+from scripts.harness.checkpoint_misuse import RESUME_MISMATCHES, resume_mismatch
 
 IDS = torch.arange(16).reshape(2, 8) % 97
 

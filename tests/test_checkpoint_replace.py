@@ -7,7 +7,7 @@ and what it holds, and the data is byte-identical afterwards. `hf-zero consolida
 output inside the checkpoint or around it, and `--overwrite` replaces only an earlier export.
 A save that cannot delete the previous version says so, naming what is left.
 
-The multi-rank and CLI scenarios run in tests/helpers/checkpoint_misuse.py, shared with
+The multi-rank and CLI scenarios run in scripts/harness/checkpoint_misuse.py, shared with
 scripts/reliability_report.py; these tests assert on the records they return.
 """
 
@@ -22,7 +22,8 @@ import torch
 
 import hf_zero
 from hf_zero.checkpoint import CheckpointError, Manifest
-from tests.helpers.checkpoint_misuse import (
+from scripts.harness.cases import make_model, param_groups
+from scripts.harness.checkpoint_misuse import (
     CONSOLIDATE_MISUSES,
     FOREIGN,
     consolidate_misuse,
@@ -30,7 +31,6 @@ from tests.helpers.checkpoint_misuse import (
     save_over_foreign,
     undeletable_previous_version,
 )
-from tests.parity_cases import make_model, param_groups
 
 IDS = torch.arange(16).reshape(2, 8) % 97
 

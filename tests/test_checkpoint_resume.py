@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import PER_RANK, VOCAB, make_model, max_weight_diff, param_groups
+from scripts.harness.cases import PER_RANK, VOCAB, make_model, max_weight_diff, param_groups
+from scripts.harness.dist import run_distributed
 
 K = 3
 # (stage, precision); "dropout" is fp32 with dropout on: bit-identical only if the RNG resumes.

@@ -22,7 +22,7 @@ import torch
 
 from hf_zero import comm
 from hf_zero.grads import _BufferPool
-from tests.helpers.dist import run_distributed
+from scripts.harness.dist import run_distributed
 
 SHARD = 5  # elements per rank: odd, so no slice is aligned by accident
 
@@ -264,7 +264,7 @@ def _init_worker(rank, world_size, port):
 
 
 def test_init_process_group_joins_the_launchers_world_from_the_environment():
-    from tests.helpers.dist import find_free_port
+    from scripts.harness.dist import find_free_port
 
     results = run_distributed(_init_worker, 2, find_free_port(), timeout=120)
     for rank, out in enumerate(results):

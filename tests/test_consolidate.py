@@ -24,8 +24,8 @@ import hf_zero
 from hf_zero.checkpoint import CheckpointError
 from hf_zero.checkpoint.consolidate import _rank_slices, parse_size, plan_shards
 from hf_zero.cli import main
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import SEQ, VOCAB, global_batch, make_model, param_groups, rank_slice
+from scripts.harness.cases import SEQ, VOCAB, global_batch, make_model, param_groups, rank_slice
+from scripts.harness.dist import run_distributed
 
 FIXED_INPUT = (torch.arange(2 * SEQ).reshape(2, SEQ) * 7 + 3) % VOCAB
 

@@ -1,4 +1,4 @@
-"""tests/helpers/dist.py: the one multi-process gloo helper every tier-2+ test goes through."""
+"""scripts/harness/dist.py: the one multi-process gloo helper every tier-2+ test goes through."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.dist import run_distributed
+from scripts.harness.dist import run_distributed
 
 # Workers must be module-level functions: spawn pickles them by qualified name.
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups
+from scripts.harness.cases import global_batch, make_model, param_groups
+from scripts.harness.dist import run_distributed
 
 
 @pytest.fixture(autouse=True)

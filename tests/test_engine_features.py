@@ -13,8 +13,7 @@ import torch
 
 import hf_zero
 from hf_zero.params import UnitState
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import (
+from scripts.harness.cases import (
     MIXED_NORM_RTOL,
     MIXED_UPDATE_RTOL,
     PER_RANK,
@@ -29,6 +28,7 @@ from tests.parity_cases import (
     run_reference,
     update_error,
 )
+from scripts.harness.dist import run_distributed
 
 STEPS = 4
 WEIGHT_ATOL = 2e-5
@@ -44,7 +44,7 @@ def _freeze(model):
 
 
 def _frozen_worker(rank, world_size):
-    import tests.parity_cases as pc
+    import scripts.harness.cases as pc
 
     original = pc.make_model
     pc.make_model = lambda kind, seed=0: _freeze(original(kind, seed))

@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import (
+from scripts.harness.cases import (
     ACCUM,
     global_batch,
     make_model,
@@ -24,6 +23,7 @@ from tests.parity_cases import (
     rank_slice,
     run_reference,
 )
+from scripts.harness.dist import run_distributed
 
 STAGES = (0, 1, 2, 3)
 WORLD_SIZES = (1, 2, 3)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 import hf_zero
 from hf_zero.checkpoint import CheckpointError, Manifest
 from hf_zero.cli import main
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.dist import run_distributed
 
 
 def _train(engine, rank, world_size, steps, first=0):

@@ -1,7 +1,7 @@
 """Tier 2: ranks that disagree are stopped at initialize, by name, and a non-finite gradient
 without a loss scaler is caught on every rank alike.
 
-The multi-rank scenarios run in tests/helpers/faults.py, shared with
+The multi-rank scenarios run in scripts/harness/faults.py, shared with
 scripts/reliability_report.py; these tests assert on the records they return."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import hf_zero
 from hf_zero.fingerprint import describe, disagreement_message, first_difference, format_path
 from hf_zero.partition import ParamEntry
-from tests.helpers.faults import disagreement, nonfinite_grads
-from tests.parity_cases import make_model
+from scripts.harness.cases import make_model
+from scripts.harness.faults import disagreement, nonfinite_grads
 
 WTE = r"model\.parameters\['transformer\.wte\.weight'\]"
 LN = r"model\.parameters\['transformer\.h\.0\.ln_1\.weight'\]"

@@ -1,10 +1,10 @@
-"""Tier 2: the misuse scenarios of the reliability report (tests/helpers/faults.py, section 5),
+"""Tier 2: the misuse scenarios of the reliability report (scripts/harness/faults.py, section 5),
 on 2 gloo ranks at every stage in one job: each does what torch/DDP does or fails on every rank
 with an error that names the fix."""
 
 from __future__ import annotations
 
-from tests.helpers import faults
+from scripts.harness import faults
 
 
 def test_every_misuse_behaves_as_required_at_every_stage():

@@ -2,12 +2,12 @@
 within `collective_timeout_s` plus a margin, with a CollectiveError that says which collective,
 in which phase, failed. Nothing hangs.
 
-The scenarios run in tests/helpers/faults.py, shared with scripts/reliability_report.py; these
+The scenarios run in scripts/harness/faults.py, shared with scripts/reliability_report.py; these
 tests assert on the records they return."""
 
 from __future__ import annotations
 
-from tests.helpers.faults import dead_rank, stalled_rank
+from scripts.harness.faults import dead_rank, stalled_rank
 
 TIMEOUT = 3.0
 STALL = 4.5

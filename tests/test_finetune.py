@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hf_zero import models
-from tests.helpers.dist import find_free_port
+from scripts.harness.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "finetune.py"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.dist import find_free_port
+from scripts.harness.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "finetune.py"
@@ -83,3 +83,18 @@ def test_minilm_cls_stage3(tmp_path):
     accuracy = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
     assert accuracy[-1] > max(0.6, accuracy[0]), accuracy  # two balanced classes: chance is 0.5
     assert "sentence-transformers/all-MiniLM-L6-v2" in (out / "README.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_tiny_gpt2_on_gpus_bf16(tmp_path, stage):
+    """The NCCL path through the Trainer: one process per GPU (2), bf16 compute."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    out = tmp_path / f"gpu{stage}"
+    proc = _torchrun(out, "--stage", str(stage), "--max_steps", "8", "--bf16", "true",
+                     "--use_cpu", "false", "--max_eval_samples", "16")  # fmt: skip
+    summary = _check_run(proc, out, stage=stage, auto_class="AutoModelForCausalLM")
+    assert summary["final_train_loss"] < summary["first_train_loss"]

@@ -87,7 +87,7 @@ from hf_zero.checkpoint import CheckpointError, Manifest, latest_checkpoint
 from hf_zero.checkpoint.consolidate import COPIED_FILES
 from hf_zero.checkpoint.inspect import inspect_checkpoint
 from hf_zero.cli import main as cli_main
-from tests.parity_cases import make_model, param_groups
+from scripts.harness.cases import make_model, param_groups
 
 CI = settings(
     derandomize=True,

@@ -290,7 +290,7 @@ def _third_party_imports_of_the_tests() -> dict[str, str]:
     """Top-level module -> a file importing it, over tests/ and scripts/ (which the tests run),
     for every module not from the standard library, this repository or OPTIONAL."""
     files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py"))
-    local = {"hf_zero", "tests"} | {p.stem for p in files}
+    local = {"hf_zero", "tests", "scripts"} | {p.stem for p in files}
     found = {}
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):

@@ -11,8 +11,8 @@ import torch
 
 import hf_zero
 from hf_zero.estimate import model_state_bytes
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.dist import run_distributed
 
 
 def test_formula_matches_design_table():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.dist import find_free_port
+from scripts.harness.dist import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "minimal_loop.py"
@@ -68,3 +68,29 @@ def test_four_ranks_print_the_one_process_losses(tmp_path, stage):
     info = inspect_checkpoint(tmp_path / "four")
     assert (info["world_size"], info["stage"], info["step"]) == (4, stage, STEPS)
     assert all(f["ok"] for f in info["files"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_one_process_per_gpu_prints_the_one_process_losses(tmp_path, stage):
+    """The NCCL path: one process per GPU (true reduce-scatter and all-gather), against one
+    process on the same global batch."""
+    import torch
+
+    n = min(torch.cuda.device_count(), 4)
+    args = ["--steps", str(STEPS), "--stage", str(stage)]
+    one = _run(
+        [sys.executable, str(SCRIPT), *args, "--checkpoint-dir", str(tmp_path / "one")], tmp_path
+    )
+    many = _run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
+            str(SCRIPT), *args, "--checkpoint-dir", str(tmp_path / "many"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    reference = [float(x) for x in _losses(one.stdout, 1)[0]]
+    ranks = _losses(many.stdout, n)
+    assert all(ranks[r] == ranks[0] for r in range(n))
+    assert [float(x) for x in ranks[0]] == pytest.approx(reference, rel=1e-5)

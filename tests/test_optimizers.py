@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 import hf_zero
 from hf_zero.optimizer import FUSED_CLASSES, IMPLEMENTATION_KEYS
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import ACCUM, global_batch, make_model, max_weight_diff, rank_slice
+from scripts.harness.cases import ACCUM, global_batch, make_model, max_weight_diff, rank_slice
+from scripts.harness.dist import run_distributed
 
 WORLD_SIZE = 2
 STEPS = 6

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import max_weight_diff, run_engine, run_reference
+from scripts.harness.cases import max_weight_diff, run_engine, run_reference
+from scripts.harness.dist import run_distributed
 
 STEPS = 10
 LOSS_RTOL = 1e-5
@@ -81,7 +81,7 @@ def _ddp_worker(rank: int, world_size: int) -> float:
     import torch
     import torch.distributed as dist
 
-    from tests.parity_cases import ACCUM, global_batch, make_model, param_groups, rank_slice
+    from scripts.harness.cases import ACCUM, global_batch, make_model, param_groups, rank_slice
 
     _, _, ref_sd = run_reference("gpt2", STEPS, world_size)
     model = make_model("gpt2")

@@ -4,7 +4,7 @@ every rank skip the step together and back off the loss scale.
 Tracking is checked on the three things a wrong engine would change: the loss at every micro-step,
 the pre-clip gradient norm at every step (clipping plus Adam hide a wrong gradient scale from the
 weights), and the final fp32 master weights by `update_error` against the fp32 run, with the
-tolerances of tests/parity_cases.py. The same measure on an fp32 run at half the learning rate
+tolerances of scripts/harness/cases.py. The same measure on an fp32 run at half the learning rate
 must fail, so the weight tolerance keeps its power to see a wrong update."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import (
+from scripts.harness.cases import (
     MIXED_NORM_RTOL,
     MIXED_UPDATE_RTOL,
     global_batch,
@@ -27,6 +26,7 @@ from tests.parity_cases import (
     run_reference,
     update_error,
 )
+from scripts.harness.dist import run_distributed
 
 STEPS = 6
 

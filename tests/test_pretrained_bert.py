@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hf_zero
-from tests.helpers.dist import run_distributed
+from scripts.harness.dist import run_distributed
 
 STEPS = 3
 # Pre-clip gradient norm, relative. Measured up to 3e-5 (the one-process reference runs all 8 rows

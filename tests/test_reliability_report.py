@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.faults import FaultRecord, RankOutcome
+from scripts.harness.faults import FaultRecord, RankOutcome
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reliability_report.py"
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups
+from scripts.harness.cases import global_batch, make_model, param_groups
+from scripts.harness.dist import run_distributed
 
 # Beyond nn.Module's own names; `forward` and `zero_grad` are nn.Module's, overridden.
 PUBLIC = {

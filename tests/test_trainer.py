@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.helpers.dist import run_distributed  # noqa: E402
+from scripts.harness.dist import run_distributed  # noqa: E402
 from tests.helpers.hub_server import USER, HubServer  # noqa: E402
 from tests.trainer_scripts import bert, gpt2_stages, resume  # noqa: E402
 

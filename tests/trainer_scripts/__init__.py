@@ -1,1 +1,1 @@
-"""Worker functions for the ZeroTrainer tests, run on gloo ranks by `tests.helpers.dist`."""
+"""Worker functions for the ZeroTrainer tests, run on gloo ranks by `scripts.harness.dist`."""

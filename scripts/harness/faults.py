@@ -47,8 +47,8 @@ from typing import Any
 import torch
 
 import hf_zero
-from tests.helpers.dist import run_distributed
-from tests.parity_cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.cases import global_batch, make_model, param_groups, rank_slice
+from scripts.harness.dist import run_distributed
 
 __all__ = [
     "FaultRecord",

@@ -28,7 +28,7 @@ import torch
 
 from hf_zero.checkpoint import CheckpointError, latest_checkpoint
 from hf_zero.checkpoint.reader import CheckpointReader
-from tests.helpers.faults import (
+from scripts.harness.faults import (
     MARGIN_S,
     FaultRecord,
     check_names_collective,

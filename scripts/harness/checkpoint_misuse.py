@@ -41,7 +41,8 @@ import torch
 import hf_zero
 from hf_zero.checkpoint import CheckpointError
 from hf_zero.checkpoint.state import Counters
-from tests.helpers.faults import (
+from scripts.harness.cases import make_model, param_groups
+from scripts.harness.faults import (
     FaultRecord,
     RankOutcome,
     check_survivors,
@@ -53,7 +54,6 @@ from tests.helpers.faults import (
     run_job,
     train_step,
 )
-from tests.parity_cases import make_model, param_groups
 
 __all__ = [
     "FOREIGN",
