@@ -53,6 +53,10 @@ ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+# Elements per partial norm of a flat gradient (see ShardedOptimizer._local_square_sum): 2^16
+# keeps the fp32 error of each part near 1e-7 at the speed of one whole-tensor norm.
+NORM_CHUNK = 1 << 16
+
 # Elementwise optimizers with a fused kernel that hf_zero picks by default (see the module note).
 FUSED_CLASSES: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam,
@@ -164,10 +168,9 @@ class ShardedOptimizer:
         """Phase 2: the global L2 norm of the master grads (0-dim fp32, the same on all ranks),
         and which trainable parameters got a gradient on any rank (bool, `trainable_specs`
         order) from this rank's flags (`got_grad`, 0/1). One small all-reduce carries both."""
-        sq = self._local_square_sum()
-        device = sq.device
+        sq = self._local_square_sum().float()  # each rank's part is exact to fp32 here
         packed = torch.cat(
-            [(sq if self.sharded else torch.zeros_like(sq)).view(1), got_grad.float().to(device)]
+            [(sq if self.sharded else torch.zeros_like(sq)).view(1), got_grad.to(sq)]
         )
         comm.all_reduce_scalar(
             packed,
@@ -182,23 +185,28 @@ class ShardedOptimizer:
     def norm(self) -> torch.Tensor:
         """The global L2 norm of the master grads as they are now (0-dim fp32, the same on all
         ranks): after a clip, the clipped norm. One small all-reduce where they are shards."""
-        sq = self._local_square_sum()
+        sq = self._local_square_sum().float().view(1)
         if self.sharded:
             comm.all_reduce_scalar(
-                sq.view(1),
+                sq,
                 group=self.group,
                 stats=self.stats,
                 op="sum",
                 label="grad-norm all-reduce of the clipped gradients (optimizer step)",
             )
-        return sq.sqrt()
+        return sq[0].sqrt()
 
     def _local_square_sum(self) -> torch.Tensor:
+        """Sum of squares of this rank's master grads, 0-dim fp64. Each flat grad is normed in
+        chunks of NORM_CHUNK elements and the chunks' squares are summed in fp64: one fp32 norm
+        over a whole flat unit (tens of millions of elements) accumulates a relative error of
+        1e-3 or more on CPU, which would make the norm, and every clip, depend on the layout."""
         grads = [m.grad for m in self.masters.values() if m.grad is not None]
         device = next(iter(self.masters.values())).device
         if not grads:
-            return torch.zeros((), dtype=torch.float32, device=device)
-        return torch.stack(torch._foreach_norm(grads, 2.0)).square().sum()
+            return torch.zeros((), dtype=torch.float64, device=device)
+        chunks = [c for g in grads for c in g.split(NORM_CHUNK)]
+        return torch.stack(torch._foreach_norm(chunks, 2.0)).double().square().sum()
 
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         """Phase 4: scale grads so the global norm is at most max_norm."""

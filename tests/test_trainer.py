@@ -245,9 +245,9 @@ def _check_minilm(row: dict, steps: int) -> None:
         f"{_rel(s3['grad_norm'], s0['grad_norm']):.1e}, accuracy {s3['eval']['eval_accuracy']}"
     )
     assert _rel(s3["loss"], s0["loss"]) <= 1e-5, (s3["loss"], s0["loss"])
-    # Summing 22.7M squares in fp32 in another order moves the norm by ~1e-4 (torch's own
-    # vector norm and per-tensor norms of the same gradients differ that much here).
-    assert _rel(s3["grad_norm"], s0["grad_norm"]) <= 1e-3
+    # The engine norms each flat gradient in 2^16-element chunks summed in fp64, so the norm
+    # does not depend on the layout (one fp32 norm over 22.7M squares moved it by ~1e-4).
+    assert _rel(s3["grad_norm"], s0["grad_norm"]) <= 1e-5
     assert s3["loss"][-1] < s3["loss"][0]
     assert s3["eval"]["eval_accuracy"] > 0.75, s3["eval"]  # chance is 0.5
     assert s3["loading_info"] == {
