@@ -24,7 +24,7 @@ class Engine:
     """Keyword arguments for `setup`."""
 
     stage: int = 0
-    """The ZeRO stage whose model-state memory it matches (DESIGN.md §1)."""
+    """The ZeRO stage whose model-state memory it matches."""
 
     volume: int = 2
     """Communication volume in Ψ elements per rank per step (the ZeRO paper's convention: an

@@ -334,7 +334,7 @@ def main() -> None:
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown: gloo jobs sometimes abort there (DESIGN.md §9)
+    os._exit(0)  # skip interpreter teardown: gloo jobs sometimes abort there
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tier 2: the ZeRO promise, measured. `memory_stats()` on every rank equals DESIGN.md §1's
+"""Tier 2: the ZeRO promise, measured. `memory_stats()` on every rank equals the ZeRO
 formula for each stage and precision (after the step, every model state alive); `zero_grad()`
 frees the gradient shards of stage 3 and keeps stage 2's (either can be switched); and
 `comm_stats()` over one optimizer step is 2Ψ elements (stages 0-2) or 3Ψ (stage 3), padding

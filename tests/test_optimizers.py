@@ -1,5 +1,5 @@
 """Any elementwise torch optimizer works through the engine, with its param groups and
-hyperparameters, and LR schedulers keep working on `engine.optimizer` (DESIGN.md §2).
+hyperparameters, and LR schedulers keep working on `engine.optimizer`.
 
 Tiny GPT-2, 2 ranks, 6 steps of accumulation 2, clipping at 1.0, fp32, against the same optimizer
 (and scheduler) in one process on the global batch, as tests/test_parity.py does for AdamW. Each

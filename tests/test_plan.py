@@ -1,7 +1,8 @@
 """hf_zero/plan.py: the stage table as data. Tier 1: no process group.
 
-DESIGN.md §1's two tables are written here as data, cell by cell, and the plans (and the memory
-formula that reads them) must reproduce them.
+The design's two stage tables (what each stage shards and communicates, and the memory per
+rank that the README's "What the ZeRO stages are" gives) are written here as data, cell by
+cell, and the plans (and the memory formula that reads them) must reproduce them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from hf_zero.config import ZeroConfig
 from hf_zero.estimate import model_state_bytes
 from hf_zero.plan import GradReduction, ParamGather, StagePlan
 
-# DESIGN.md §1, "What each stage does": stage -> (sharded across ranks, when gradients are
+# "What each stage does": stage -> (sharded across ranks, when gradients are
 # communicated, params all-gathered).
-DESIGN_TABLE = {
+STAGE_TABLE = {
     0: (
         (),
         "every micro-step, bucketed all-reduce overlapped with backward",
@@ -43,7 +44,7 @@ DESIGN_TABLE = {
     ),
 }
 
-# DESIGN.md §1, memory per rank with AdamW, as (coefficient of Ψ, coefficient of Ψ/N) for fp32
+# Memory per rank with AdamW, as (coefficient of Ψ, coefficient of Ψ/N) for fp32
 # and for bf16/fp16 compute.
 MEMORY_TABLE = {
     0: ((16, 0), (16, 0)),
@@ -59,7 +60,7 @@ def _row(plan: StagePlan) -> tuple:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_the_four_plans_are_the_design_table(stage):
-    assert _row(StagePlan.for_stage(stage)) == DESIGN_TABLE[stage]
+    assert _row(StagePlan.for_stage(stage)) == STAGE_TABLE[stage]
 
 
 def test_the_named_properties_follow_the_table():

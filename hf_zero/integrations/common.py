@@ -41,7 +41,7 @@ class WorldMismatchError(RuntimeError):
 
 
 def cpu_launch_fix(processes: int) -> str:
-    """The launch that works, for the guard's message (DESIGN.md §7)."""
+    """The launch that works, for the guard's message."""
     n = max(processes, 2)
     return (
         f"on CPU, launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
@@ -105,7 +105,7 @@ def install_exit_teardown() -> None:
     """Destroy the default process group when the interpreter exits (idempotent).
 
     gloo jobs whose process group is still alive at interpreter exit often abort there, after
-    the work is done, and the launcher then reports a failure (DESIGN.md §9).
+    the work is done, and the launcher then reports a failure.
     """
     global _teardown_installed
     if not _teardown_installed:

@@ -17,7 +17,7 @@ Seams (the Trainer has no hook for a custom engine; these are the methods it cal
 | `_clip_grad_norm`, `_get_grad_norm` | `engine.clip_grad_norm_`: the global pre-clip norm    |
 | `optimizer.step()`, `zero_grad()` | `engine.step()`, `engine.zero_grad()`; skipped: no LR step |
 | `save_model(dir)`                 | `engine.export`: what `save_pretrained` writes          |
-| `_save_checkpoint`                | `engine.save_checkpoint` (sharded, DESIGN §5)           |
+| `_save_checkpoint`                | `engine.save_checkpoint` (sharded, per rank)            |
 | `_save_optimizer_and_scheduler`   | the scheduler only (the optimizer is in the engine's)   |
 | `_load_from_checkpoint`           | checks it is this model's checkpoint, before any step   |
 | `_load_optimizer_and_scheduler`   | `engine.load_checkpoint(restore_rng=False)`, scheduler  |

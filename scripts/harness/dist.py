@@ -2,7 +2,7 @@
 
 Each rank is a fresh `spawn`ed process (never fork: torch and gloo hold threads and locks that a
 fork would copy half-taken). The parent picks a free TCP port itself, because asking torch for
-port 0 hangs some launchers on this machine (DESIGN.md §9).
+port 0 hangs some launchers on this machine.
 
 Phases, per call:
 1. Parent: pick a free port on 127.0.0.1, apply `env` to its own environment while it starts the
