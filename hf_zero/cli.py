@@ -1,6 +1,7 @@
 """The `hf-zero` command line.
 
     hf-zero estimate --model NAME_OR_PATH --world-size N [--stage S] [--mixed-precision P]
+                     [--trainable COUNT_OR_FRACTION]
     hf-zero consolidate CKPT OUT [--dtype D] [--max-shard-size 5GB] [--overwrite]
     hf-zero inspect CKPT
     hf-zero push CKPT_OR_EXPORT --repo-id NAME [--private] [--revision R]
@@ -10,7 +11,9 @@
 and sha256; it exits 1 when one is bad. `estimate` prints the model-state memory per rank by
 stage next to plain data parallelism's (DDP), for a model given by a local folder, a bare
 config.json, a Hub id (offline: one in the local cache) or an embedded preset. The model is
-built on the meta device, so nothing is allocated or downloaded beyond its config. `push`
+built on the meta device, so nothing is allocated or downloaded beyond its config.
+`--trainable` counts only part of the model as trained (LoRA adapters, a frozen base): the rest
+is frozen, parameter bytes only (`hf_zero.estimate.model_state_bytes`). `push`
 uploads a checkpoint's consolidated weights (or an export folder) and its model card to the Hub
 (`hf_zero.hub.push_to_hub`): never the per-rank shards.
 """
@@ -107,9 +110,11 @@ def estimate_table(
     mixed_precision: str,
     *,
     exact: bool = False,
+    frozen: int = 0,
 ) -> str:
     """The per-rank model-state bytes of each stage in `stages`, below a DDP row (what plain
-    data parallelism holds on every rank: the stage-0 accounting). `exact`: whole bytes."""
+    data parallelism holds on every rank: the stage-0 accounting), for `numel` trainable and
+    `frozen` frozen parameters. `exact`: whole bytes."""
     fmt = (lambda b: f"{int(b):,}") if exact else _human
     width = 18 if exact else 14
     rows = [
@@ -117,13 +122,46 @@ def estimate_table(
     ]
     for label, stage in [("DDP", 0), *((str(s), s) for s in stages)]:
         b = model_state_bytes(
-            numel, world_size=world_size, stage=stage, mixed_precision=mixed_precision
+            numel,
+            world_size=world_size,
+            stage=stage,
+            mixed_precision=mixed_precision,
+            frozen=frozen,
         )
         rows.append(
             f"{label:<6}{fmt(b['param_bytes']):>{width}}{fmt(b['grad_bytes']):>{width}}"
             f"{fmt(b['optim_bytes']):>{width}}{fmt(b['total_bytes']):>{width}}"
         )
     return "\n".join(rows)
+
+
+def trainable_count(value: str, total: int) -> int:
+    """`--trainable`: a count of parameters (an integer), or a fraction of `total` (a number
+    with a decimal point or an exponent, in (0, 1]); rounded to a whole count.
+
+    Raises:
+        ValueError: not a number, or out of range; the message names the value and the range.
+    """
+    try:
+        count = int(value)
+    except ValueError:
+        count = None
+    if count is None:
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--trainable must be a parameter count (e.g. 294912) or a fraction of the "
+                f"model's parameters (e.g. 0.01), got {value!r}"
+            ) from None
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--trainable as a fraction must be in (0, 1], got {value}")
+        return max(1, round(fraction * total))
+    if not 0 < count <= total:
+        raise ValueError(
+            f"--trainable must be between 1 and the model's {total:,} parameters, got {count:,}"
+        )
+    return count
 
 
 def _consolidate(args: argparse.Namespace) -> int:
@@ -229,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--world-size", type=int, required=True, help="number of data-parallel ranks")
     est.add_argument("--stage", type=int, choices=STAGES, help="one stage (default: all)")
     est.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES, default="no")
+    est.add_argument(
+        "--trainable",
+        help="trainable parameters, as a count (294912) or a fraction of the model (0.01); the "
+        "rest is frozen, parameter bytes only (default: every parameter trains)",
+    )
     est.add_argument("--bytes", action="store_true", help="print whole bytes, not KiB/MiB/GiB")
     con = sub.add_parser("consolidate", help="export a sharded checkpoint as an HF model folder")
     con.add_argument("checkpoint", help="sharded checkpoint folder (with zero/manifest.json)")
@@ -269,15 +312,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.world_size < 1:
             parser.error(f"--world-size must be >= 1, got {args.world_size}")
         arch, numel, note = count_parameters(args.model)
+        trainable = numel
+        if args.trainable is not None:
+            try:
+                trainable = trainable_count(args.trainable, numel)
+            except ValueError as e:
+                parser.error(str(e))
         stages = [args.stage] if args.stage is not None else list(STAGES)
         if note:
             print(note)
+        split = "" if trainable == numel else f" ({trainable:,} trainable, the rest frozen)"
         print(
-            f"{arch}: {numel:,} parameters, world size {args.world_size}, "
+            f"{arch}: {numel:,} parameters{split}, world size {args.world_size}, "
             f"mixed precision {args.mixed_precision}, AdamW (model states only, no activations)"
         )
         print(
-            estimate_table(numel, args.world_size, stages, args.mixed_precision, exact=args.bytes)
+            estimate_table(
+                trainable,
+                args.world_size,
+                stages,
+                args.mixed_precision,
+                exact=args.bytes,
+                frozen=numel - trainable,
+            )
         )
     return 0
 

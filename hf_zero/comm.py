@@ -9,7 +9,16 @@ Byte accounting (per rank, the ZeRO paper's convention):
 - all_reduce of n elements: 2n (a reduce-scatter plus an all-gather)
 - reduce_scatter of an n-element input: n
 - all_gather into an n-element output: n
-So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ.
+So stages 0-2 move 2Ψ elements per optimizer step and stage 3 moves 3Ψ. Alongside,
+`CommStats.sent` counts the payload this rank really hands to torch.distributed to send (the
+bytes of the tensors or slices it sends, whatever the convention counts).
+
+Two wire formats beyond plain tensors, chosen by the caller, invisible to what it gets back:
+- sparse rows (`all_gather_row_ids`, then `all_reduce(kind="sparse_rows")` of the packed rows):
+  an embedding gradient reduced as the union of the rows the ranks touched (`sparse`);
+- blockwise int8 (`quantize=` on `all_gather` and `reduce_scatter`, `quantize`): each rank
+  packs what it sends once; a reduce-scatter is an all-to-all of the packed slices, dequantized
+  and summed in fp32 by the rank that owns them, so the error does not grow hop by hop.
 
 Backend choice: gloo's own reduce-scatter and all-gather are slower than an all-reduce of the
 same buffer, and a broadcast of each rank's slice is faster than either (README, Performance).
@@ -42,6 +51,7 @@ __all__ = [
     "Pending",
     "ProcessGroupInfo",
     "all_gather",
+    "all_gather_row_ids",
     "all_reduce",
     "reduce_scatter",
     "reduce_scatter_scratch_numel",
@@ -151,12 +161,29 @@ class CommStats:
     bytes: dict[str, int] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
+    """Payload bytes this rank handed to torch.distributed to send, per collective kind."""
+    reductions: dict[str, int] = field(default_factory=dict)
+    """Sparse-capable gradient reductions by how they ran: "sparse", "dense" (the touched rows
+    would have cost more) and "dense_unproven" (a gradient outside the recorded rows)."""
 
     def add(self, kind: str, nbytes: int, path: str | None = None) -> None:
         self.bytes[kind] = self.bytes.get(kind, 0) + nbytes
         self.calls[kind] = self.calls.get(kind, 0) + 1
         if path is not None:
             self.paths[kind] = path
+
+    def hand(self, kind: str, nbytes: int) -> None:
+        self.sent[kind] = self.sent.get(kind, 0) + nbytes
+
+    def count_reduction(self, how: str) -> None:
+        self.reductions[how] = self.reductions.get(how, 0) + 1
+
+    def wire(self) -> dict:
+        """Payload sent per kind plus "total", and the sparse reduction counters."""
+        sent = {k: int(v) for k, v in sorted(self.sent.items())}
+        sent["total"] = sum(self.sent.values())
+        return {"sent_bytes": sent, "reductions": dict(sorted(self.reductions.items()))}
 
     def snapshot(self) -> dict:
         out = {k: int(v) for k, v in sorted(self.bytes.items())}
@@ -280,11 +307,13 @@ def all_reduce(
     stats: CommStats,
     async_op: bool = False,
     label: str = "all-reduce",
+    kind: str = "all_reduce",
 ) -> Pending:
-    """Sum `tensor` in place across the group."""
-    stats.add("all_reduce", 2 * _nbytes(tensor))
+    """Sum `tensor` in place across the group (counted under `kind`)."""
+    stats.add(kind, 2 * _nbytes(tensor))
     if group.group is None:
         return Pending()
+    stats.hand(kind, _nbytes(tensor))
     work = _issue(label, group, lambda: dist.all_reduce(tensor, group=group.group, async_op=True))
     return _finish(work, label, group, async_op)
 
@@ -300,6 +329,7 @@ def reduce_scatter(
     tag: int = 0,
     scratch: torch.Tensor | None = None,
     polled: bool = False,
+    quantize: int | None = None,
 ) -> Pending:
     """Sum `input` (1D, world_size * output.numel()) across the group; `output` gets this rank's
     slice. `input` is clobbered: its other slices are left as they were or hold the sum.
@@ -318,8 +348,22 @@ def reduce_scatter(
     `polled=True`: the caller retires the reduction when `is_completed()` says so rather than
     by waiting. gloo's point-to-point works report completion only once waited on, so on gloo
     this runs an all-reduce and keeps the owned slice instead (no scratch taken).
+
+    `quantize=block_size`: lossy, int8 on the wire (`_reduce_scatter_int8`); no scratch taken,
+    pollable on every backend.
     """
     own, in_place = _own_slice(input, output, group, "reduce_scatter", "input", "output")
+    if quantize is not None and group.group is not None:
+        return _reduce_scatter_int8(
+            output,
+            input,
+            own,
+            group=group,
+            stats=stats,
+            async_op=async_op,
+            label=label,
+            block_size=quantize,
+        )
 
     def take_slice() -> None:
         if not in_place:
@@ -331,6 +375,7 @@ def reduce_scatter(
         return Pending()
     if group.backend == "nccl":
         stats.add("reduce_scatter", _nbytes(input), "reduce_scatter_single")
+        stats.hand("reduce_scatter", _nbytes(input))
         dst = torch.empty_like(output) if in_place else output
         work = _issue(
             label,
@@ -340,6 +385,7 @@ def reduce_scatter(
         return _finish(work, label, group, async_op, (lambda: own.copy_(dst)) if in_place else None)
     if polled:
         stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
+        stats.hand("reduce_scatter", _nbytes(input))
         work = _issue(
             label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True)
         )
@@ -361,6 +407,7 @@ def reduce_scatter(
     if size == 1:
         take_slice()
         return Pending()
+    stats.hand("reduce_scatter", (size - 1) * _nbytes(own))
     if scratch is None:
         scratch = input.new_empty(want)
     targets = ([] if in_place else [output]) + (list(scratch.split(n)) if want else [])
@@ -400,12 +447,17 @@ def reduce_scatter(
 
 
 def reduce_scatter_scratch_numel(
-    group: ProcessGroupInfo, output_numel: int, *, in_place: bool, polled: bool = False
+    group: ProcessGroupInfo,
+    output_numel: int,
+    *,
+    in_place: bool,
+    polled: bool = False,
+    quantize: int | None = None,
 ) -> int:
     """How many elements of `scratch` a reduce-scatter into `output_numel` elements takes on
     this group (0: none): on gloo, one slice per other rank, less the one a separate output
     receives."""
-    if group.group is None or group.backend == "nccl" or polled:
+    if group.group is None or group.backend == "nccl" or polled or quantize is not None:
         return 0
     return max(0, group.world_size - (1 if in_place else 2)) * output_numel
 
@@ -418,6 +470,8 @@ def all_gather(
     stats: CommStats,
     async_op: bool = False,
     label: str = "all-gather",
+    quantize: int | None = None,
+    kind: str = "all_gather",
 ) -> Pending:
     """Concatenate every rank's `input` (1D) into `output` (world_size * input.numel()).
 
@@ -426,16 +480,31 @@ def all_gather(
     broadcasts its slice instead, N broadcasts in flight at once. A broadcast is a copy, so the
     result is exact, and each rank sends only its own slice. Counted as an all-gather of
     `output` either way.
+
+    `quantize=block_size`: lossy, int8 on the wire (`_all_gather_int8`). Counted under `kind`.
     """
     own, in_place = _own_slice(output, input, group, "all_gather", "output", "input")
     n = input.numel()
+    if quantize is not None and group.group is not None:
+        return _all_gather_int8(
+            output,
+            input,
+            own,
+            in_place,
+            group=group,
+            stats=stats,
+            async_op=async_op,
+            label=label,
+            block_size=quantize,
+        )
     if group.group is None:
-        stats.add("all_gather", _nbytes(output), "local")
+        stats.add(kind, _nbytes(output), "local")
         if not in_place:
             own.copy_(input)
         return Pending()
     if group.backend == "gloo":
-        stats.add("all_gather", _nbytes(output), "broadcast of each rank's slice")
+        stats.add(kind, _nbytes(output), "broadcast of each rank's slice")
+        stats.hand(kind, _nbytes(own))
         if not in_place:
             own.copy_(input)
         works = [
@@ -449,7 +518,8 @@ def all_gather(
             for r in range(group.world_size)
         ]
         return _finish(_Works(works), label, group, async_op)
-    stats.add("all_gather", _nbytes(output), "all_gather_single")
+    stats.add(kind, _nbytes(output), "all_gather_single")
+    stats.hand(kind, _nbytes(own))
     work = _issue(
         label,
         group,
@@ -517,6 +587,7 @@ def all_reduce_scalar(
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     stats.add("all_reduce", 2 * _nbytes(value))
     if group.group is not None:
+        stats.hand("all_reduce", _nbytes(value))
         work = _issue(
             label,
             group,
@@ -538,3 +609,126 @@ def all_gather_object(obj, *, group: ProcessGroupInfo, label: str = "object all-
 def barrier(*, group: ProcessGroupInfo, label: str = "barrier") -> None:
     if group.group is not None:
         _issue(label, group, lambda: dist.barrier(group=group.group))
+
+
+def all_gather_row_ids(
+    ids: torch.Tensor,
+    proven: bool,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    label: str = "row-id all-gather",
+) -> tuple[torch.Tensor, bool]:
+    """The sorted union of every rank's `ids` (1D int64), and whether every rank's `proven`
+    holds. Two all-gathers, counted as "sparse_index": each rank's (count, proven) pair, then
+    its ids padded to the longest."""
+    size = group.world_size
+    head = torch.tensor([ids.numel(), int(proven)], dtype=torch.int64, device=ids.device)
+    heads = head.new_empty(2 * size)
+    all_gather(heads, head, group=group, stats=stats, label=label, kind="sparse_index").wait()
+    counts = heads[0::2].tolist()
+    longest = max(counts)
+    padded = ids.new_zeros(longest)
+    padded[: ids.numel()].copy_(ids)
+    gathered = ids.new_empty(size * longest)
+    if longest:
+        all_gather(
+            gathered, padded, group=group, stats=stats, label=label, kind="sparse_index"
+        ).wait()
+    pieces = [gathered[r * longest : r * longest + c] for r, c in enumerate(counts)]
+    union = torch.unique(torch.cat(pieces)) if pieces else ids.new_zeros(0)
+    return union, bool(heads[1::2].all())
+
+
+def _reduce_scatter_int8(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    own: torch.Tensor,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool,
+    label: str,
+    block_size: int,
+) -> Pending:
+    """Each rank packs the slice every other rank owns once (int8 + fp32 scales), one
+    all-to-all delivers them, and the owner sums its own exact slice and the dequantized
+    others in fp32. Counted as a reduce-scatter of the packed input."""
+    from . import quantize as q
+
+    size, rank, n = group.world_size, group.rank, own.numel()
+    m = q.packed_numel(n, block_size)
+    send = torch.zeros(size * m, dtype=torch.uint8, device=input.device)
+    for r in range(size):
+        if r != rank:
+            q.pack(input[r * n : (r + 1) * n], block_size, out=send[r * m : (r + 1) * m])
+    recv = torch.empty_like(send)
+    stats.add("reduce_scatter", size * m, f"int8 all-to-all (block {block_size})")
+    stats.hand("reduce_scatter", (size - 1) * m)
+    work = _issue(
+        label,
+        group,
+        lambda: dist.all_to_all_single(recv, send, group=group.group, async_op=True),
+    )
+
+    def reduce_received() -> None:
+        total = own.to(torch.float32)
+        for r in range(size):
+            if r != rank:
+                total += q.unpack(recv[r * m : (r + 1) * m], n, block_size)
+        output.copy_(total)
+
+    return _finish(work, label, group, async_op, reduce_received)
+
+
+def _all_gather_int8(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    own: torch.Tensor,
+    in_place: bool,
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool,
+    label: str,
+    block_size: int,
+) -> Pending:
+    """Each rank packs its slice once; the packed slices are gathered (broadcasts on gloo) and
+    every slice, this rank's included, is dequantized into `output`, so every rank computes with
+    the same values. An in-place `input` (this rank's slice of `output`) is kept exact.
+    Counted as an all-gather of the packed output."""
+    from . import quantize as q
+
+    size, rank, n = group.world_size, group.rank, input.numel()
+    m = q.packed_numel(n, block_size)
+    packed = torch.empty(size * m, dtype=torch.uint8, device=input.device)
+    q.pack(input, block_size, out=packed[rank * m : (rank + 1) * m])
+    stats.add("all_gather", size * m, f"int8 gather (block {block_size})")
+    stats.hand("all_gather", m)
+    if group.backend == "gloo":
+        works = [
+            _issue(
+                label,
+                group,
+                lambda r=r: dist.broadcast(
+                    packed[r * m : (r + 1) * m], group=group.group, group_src=r, async_op=True
+                ),
+            )
+            for r in range(size)
+        ]
+        work = _Works(works)
+    else:
+        mine = packed[rank * m : (rank + 1) * m].clone()
+        work = _issue(
+            label,
+            group,
+            lambda: dist.all_gather_single(packed, mine, group=group.group, async_op=True),
+        )
+
+    def unpack_all() -> None:
+        for r in range(size):
+            if r == rank and in_place:
+                continue
+            output[r * n : (r + 1) * n].copy_(q.unpack(packed[r * m : (r + 1) * m], n, block_size))
+
+    return _finish(work, label, group, async_op, unpack_all)

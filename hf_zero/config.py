@@ -92,6 +92,20 @@ class ZeroConfig:
     loss_scale_backoff_factor: float = 0.5
     """fp16: factor the scale is multiplied by when a step overflows (and is skipped)."""
 
+    sparse_embedding_grads: bool = True
+    """Reduce the gradient of a lookup-only `nn.Embedding` as the rows some rank touched,
+    every stage. Exact: every other row's gradient is zero on every rank (checked each
+    reduction). An embedding tied to an output layer (GPT-2's wte) stays dense. Each reduction
+    falls back to dense when the touched rows would cost more; `engine.wire_stats()` counts both.
+    The optimizer still updates every row."""
+
+    comm_quantization: dict | None = None
+    """Opt-in, lossy: blockwise int8 on the wire, e.g. {"params": "int8", "grads": "int8",
+    "block_size": 256}. "params": the stage-3 parameter all-gather; "grads": the gradient
+    reduce-scatter of stages 2-3 (each rank's contribution quantized once and summed in fp32 by
+    its owner). block_size: elements per fp32 scale (8 to 1048576, default 256). fp32 master
+    weights, optimizer state and checkpoints are never quantized. None (default): exact."""
+
     def __post_init__(self) -> None:
         if type(self.stage) is not int or self.stage not in STAGES:
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {self.stage!r}")
@@ -161,6 +175,14 @@ class ZeroConfig:
             )
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch must be true or false, got {self.prefetch!r}")
+        if not isinstance(self.sparse_embedding_grads, bool):
+            raise ValueError(
+                f"sparse_embedding_grads must be true or false, got {self.sparse_embedding_grads!r}"
+            )
+        if self.comm_quantization is not None:
+            object.__setattr__(
+                self, "comm_quantization", _check_quantization(self.comm_quantization, self.stage)
+            )
         if self.keep_grad_shards is not None and not isinstance(self.keep_grad_shards, bool):
             raise ValueError(
                 "keep_grad_shards must be true, false or null (kept at stage 2, freed at "
@@ -249,3 +271,53 @@ def _is_number(value: Any) -> bool:
 def _require_positive_int(field: str, value: Any, unit: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{field} must be a positive integer ({unit}), got {value!r}")
+
+
+QUANT_KEYS = ("params", "grads", "block_size")
+QUANT_FORMATS = (None, "int8")
+QUANT_BLOCK_RANGE = (8, 2**20)
+
+
+def _check_quantization(value: Any, stage: int) -> dict:
+    """comm_quantization, completed with its defaults; refused by name when it cannot apply."""
+    example = '{"params": "int8", "grads": "int8", "block_size": 256}'
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"comm_quantization must be null or a mapping such as {example}, got {value!r}"
+        )
+    unknown = sorted(str(k) for k in value if k not in QUANT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown comm_quantization key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; allowed keys are: {', '.join(QUANT_KEYS)}"
+        )
+    out = {"params": value.get("params"), "grads": value.get("grads")}
+    for key in ("params", "grads"):
+        if out[key] not in QUANT_FORMATS:
+            raise ValueError(
+                f"comm_quantization {key} must be 'int8' or null (exact), got {out[key]!r}"
+            )
+    block = value.get("block_size", 256)
+    lo, hi = QUANT_BLOCK_RANGE
+    if isinstance(block, bool) or not isinstance(block, int) or not lo <= block <= hi:
+        raise ValueError(
+            f"comm_quantization block_size must be an integer from {lo} to {hi} (elements per "
+            f"fp32 scale), got {block!r}"
+        )
+    out["block_size"] = block
+    if out["params"] is None and out["grads"] is None:
+        raise ValueError(
+            "comm_quantization quantizes nothing (params and grads are both null); set one of "
+            "them to 'int8', or set comm_quantization to null"
+        )
+    if out["params"] is not None and stage != 3:
+        raise ValueError(
+            f"comm_quantization params={out['params']!r} quantizes the stage-3 parameter "
+            f"all-gather, and stage {stage} has none: use stage 3, or set params to null"
+        )
+    if out["grads"] is not None and stage < 2:
+        raise ValueError(
+            f"comm_quantization grads={out['grads']!r} quantizes the gradient reduce-scatter of "
+            f"stages 2 and 3, and stage {stage} has none: use stage 2 or 3, or set grads to null"
+        )
+    return out

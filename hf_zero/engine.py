@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import comm, fingerprint, guards
+from . import comm, fingerprint, guards, recompute
 from .checkpoint import sharded
 from .checkpoint.export import export_model
 from .checkpoint.state import Counters, RankState
@@ -42,7 +42,9 @@ from .params import ReplicatedParams, ShardedParams, flatten_fp32
 from .partition import FlatUnit, plan_layout
 from .plan import StagePlan
 from .precision import compute_dtype_for, loss_scaler_for
+from .quantize import QuantSpec
 from .report import gather_full_state_dict, held_bytes
+from .sparse import SparseRows, lookup_only_embeddings, mark_solo
 
 __all__ = ["ZeroEngine", "initialize"]
 
@@ -104,6 +106,7 @@ class ZeroEngine(nn.Module):
             )
         guards.check_not_attached(model)
         check_optimizer(optimizer)
+        recompute.check_no_reentrant(model)
         self.config = config
         self.module = model
         plan = self._plan = StagePlan.from_config(config)
@@ -119,8 +122,12 @@ class ZeroEngine(nn.Module):
         self._param_dtypes = {
             n: str(p.dtype).removeprefix("torch.") for n, p in found.params.items()
         }
+        entries, sparse_embeddings = found.entries, {}
+        if config.sparse_embedding_grads:
+            sparse_embeddings = lookup_only_embeddings(model, entries)
+            entries = mark_solo(entries, set(sparse_embeddings))
         self._layout = plan_layout(
-            found.entries, world_size=self._group.world_size, bucket_size=plan.bucket_size
+            entries, world_size=self._group.world_size, bucket_size=plan.bucket_size
         )
         rank = self._group.rank
         # The first collectives, after every local check above: all ranks must agree on the
@@ -191,6 +198,7 @@ class ZeroEngine(nn.Module):
                 on_unit_grads_done=(
                     self._params_store.on_unit_grads_done if plan.shards_params else None
                 ),
+                buffers=self._params_store.pool if plan.shards_params else None,
                 **reduce,
             )
         else:
@@ -203,6 +211,14 @@ class ZeroEngine(nn.Module):
                 tracker=self._tracker,
                 **reduce,
             )
+        if sparse_embeddings:
+            self._grads.sparse = SparseRows(self._layout, sparse_embeddings, **reduce)
+        self._sparse_names = sorted(sparse_embeddings)
+        quant = QuantSpec.from_config(config.comm_quantization)
+        if quant is not None and quant.grads:
+            self._grads.quantize = quant.block_size
+        if quant is not None and quant.params:
+            self._params_store.quantize = quant.block_size
         self._tracker.starters.append(self._check_backward_allowed)
         self._tracker.finishers.append(self._grads.end_backward)
         if plan.shards_params:
@@ -247,6 +263,8 @@ class ZeroEngine(nn.Module):
         return self._group.rank
 
     def forward(self, *args, **kwargs):
+        if self.module.training and torch.is_grad_enabled():
+            recompute.check_no_reentrant(self.module)  # may be enabled after initialize
         return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -432,10 +450,13 @@ class ZeroEngine(nn.Module):
         overwrite=False,
         card=None,
         checkpoint=None,
+        merge_adapters=False,
     ):
         """Write the folder `save_pretrained` writes for the current weights, plus a model card
         (collective): a sharded checkpoint (or `checkpoint=`, one of this very step) consolidated
         by `hf_zero.consolidate`, so it is byte for byte what `hf-zero consolidate` writes.
+        A PEFT model writes its adapter only, as `PeftModel.save_pretrained` does, unless
+        `merge_adapters=True` (the adapters merged into the base: a standard HF folder).
         Returns the folder. See `hf_zero.checkpoint.export.export_model`."""
         return export_model(
             self._checkpoint_state(),
@@ -446,6 +467,7 @@ class ZeroEngine(nn.Module):
             overwrite=overwrite,
             card=card,
             checkpoint=checkpoint,
+            merge_adapters=merge_adapters,
         )
 
     def _checkpoint_state(self) -> RankState:
@@ -498,19 +520,34 @@ class ZeroEngine(nn.Module):
     def memory_stats(self) -> dict[str, int]:
         """Bytes of model states this rank holds now, by kind, each storage counted once:
         param_bytes (compute parameters, incl. stage-3 units gathered at the moment),
-        grad_bytes, optim_bytes (fp32 masters that are not the parameters, optimizer state)."""
-        return held_bytes(
+        grad_bytes, optim_bytes (fp32 masters that are not the parameters, optimizer state),
+        total_bytes (their sum); and, outside the total, pooled_buffer_bytes: idle
+        communication buffers kept for reuse (stage 3's gathered-unit blocks, a few units'
+        worth; stage 1's reduce-scatter scratch on gloo; 0 otherwise)."""
+        stats = held_bytes(
             params=[p.data for p in (*self._params.values(), *self._whole.values())]
             + self._params_store.held_tensors(),
             grads=self._grads.held_tensors() + [p.grad for p in self._params.values()],
             optim=self._sharded_optimizer.held_tensors(),
         )
+        stats["pooled_buffer_bytes"] = (
+            self._params_store.pooled_bytes() + self._grads.pooled_bytes()
+        )
+        return stats
 
     def comm_stats(self) -> dict[str, int]:
         """Bytes this rank has moved per collective kind since start, plus "total". An
         all-reduce of n bytes counts 2n, a reduce-scatter or all-gather of an n-byte buffer n:
         the ZeRO paper's convention, whatever primitive the backend ran."""
         return self._stats.snapshot()
+
+    def wire_stats(self) -> dict:
+        """What this rank really sent since start: "sent_bytes" (the payload handed to
+        torch.distributed to send, per collective kind, plus "total"), "reductions" (sparse
+        embedding reductions by how they ran: "sparse", "dense" when the touched rows would
+        have cost more, "dense_unproven") and "sparse_embeddings" (the embedding weights
+        reduced sparsely where exact, see `ZeroConfig.sparse_embedding_grads`)."""
+        return {**self._stats.wire(), "sparse_embeddings": list(self._sparse_names)}
 
     def num_parameters(self, *, only_trainable: bool = False) -> int:
         """True parameter count (each tied parameter once), whatever is sharded."""

@@ -3,6 +3,15 @@
 Pure arithmetic over the stage plan (`plan.StagePlan`): a kind of model state that the stage
 shards is divided by the world size. The engine's `memory_stats()` measures the bytes it
 actually holds; the tests check that the two agree, padding aside.
+
+Frozen parameters (`requires_grad=False`, e.g. a base model under LoRA adapters) are parameter
+bytes only: no gradient, no optimizer state. Their compute copy is whole at stages 0-2 and 1/N
+at stage 3; with mixed precision their fp32 value (what an export writes, bit-exact) is kept
+with the masters, 1/N where the optimizer is sharded. For Ψ trainable and Φ frozen parameters,
+c the compute bytes (4, or 2 with bf16/fp16), m the master bytes (0 in fp32, else 4) and K the
+optimizer state bytes (AdamW 8):
+    params = (Ψ + Φ)·c / Dp,   grads = Ψ·c / Dg,   optim = Ψ·(m + K) / Do + Φ·m / Do
+with Dp, Dg, Do = N where the stage shards that kind, else 1.
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ def model_state_bytes(
     stage: int,
     mixed_precision: str = "no",
     optimizer_state_bytes: int = 8,
+    frozen: int = 0,
 ) -> dict[str, float]:
-    """Bytes of model states one rank holds for `numel` trainable parameters.
+    """Bytes of model states one rank holds for `numel` trainable and `frozen` frozen parameters.
 
     Args:
         numel: Ψ, the number of distinct trainable parameters.
@@ -45,6 +55,8 @@ def model_state_bytes(
         mixed_precision: "no", "bf16" or "fp16". Mixed precision keeps 2-byte params and grads
             plus a 4-byte fp32 master, counted with the optimizer state.
         optimizer_state_bytes: optimizer state per parameter (AdamW: 8, SGD with momentum: 4).
+        frozen: Φ, the number of distinct frozen parameters (parameter bytes only, plus their
+            fp32 value with mixed precision).
 
     Returns:
         {"param_bytes", "grad_bytes", "optim_bytes", "total_bytes"}.
@@ -60,12 +72,14 @@ def model_state_bytes(
         )
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if numel < 0 or frozen < 0:
+        raise ValueError(f"parameter counts must be >= 0, got {numel} trainable, {frozen} frozen")
     low = 4 if mixed_precision == "no" else 2
     master = 0 if mixed_precision == "no" else 4
     div = plan.model_state_divisors(world_size)
-    param = numel * low / div["params"]
+    param = (numel + frozen) * low / div["params"]
     grad = numel * low / div["grads"]
-    optim = numel * (master + optimizer_state_bytes) / div["optim"]
+    optim = (numel * (master + optimizer_state_bytes) + frozen * master) / div["optim"]
     return {
         "param_bytes": param,
         "grad_bytes": grad,

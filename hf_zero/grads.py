@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from . import comm
+from .bufpool import GatherPool
 from .partition import FlatUnit, Layout
 from .schedule import BucketScheduler
+from .sparse import RowsReduction, SparseRows, add_rows_to_shard
 
 __all__ = ["AllReducedGrads", "BackwardTracker", "ShardedGrads", "StepReducedGrads"]
 
@@ -108,7 +110,15 @@ def _trainable(layout: Layout) -> list[FlatUnit]:
 
 
 class _GradStore:
-    """Shared wiring: hooks on trainable parameters, a side table param -> flat unit."""
+    """Shared wiring: hooks on trainable parameters, a side table param -> flat unit.
+
+    `sparse` (set by the engine): the sparse embedding flat units, whose reduction is replaced
+    by the union of touched rows when that is exact and cheaper (`sparse.SparseRows`).
+    `quantize` (stages 2-3, set by the engine): block size of the int8 gradient reduce-scatter.
+    """
+
+    sparse: SparseRows | None = None
+    quantize: int | None = None
 
     def __init__(self, layout: Layout, params: dict[str, nn.Parameter], tracker: BackwardTracker):
         self.layout, self.params, self.tracker = layout, params, tracker
@@ -129,6 +139,10 @@ class _GradStore:
 
     def before_backward(self) -> None:
         """Called by `engine.backward` before autograd runs."""
+
+    def pooled_bytes(self) -> int:
+        """Bytes of idle buffers kept for reuse (not gradients)."""
+        return 0
 
     def _on_grad(self, p: nn.Parameter) -> None:
         raise NotImplementedError
@@ -199,6 +213,8 @@ class _FullGrads(_GradStore):
         for p, view in self._views.items():
             view.zero_()
             p.grad = view
+        if self.sparse is not None:
+            self.sparse.clear()  # the buffers hold every row touched since zero()
         self._unreduced = False
         self.got_grad.clear()
 
@@ -240,6 +256,13 @@ class AllReducedGrads(_FullGrads):
             self.scheduler.mark_ready(self._flat_of[p])
 
     def _launch(self, index: int) -> comm.Pending:
+        if self.sparse is not None and self.sparse.handles(index):
+            flat = self.flats[index]
+            sparse = self.sparse.launch_full(
+                index, flat, dense_bytes=2 * flat.numel() * flat.element_size()
+            )
+            if sparse is not None:
+                return sparse
         return comm.all_reduce(
             self.flats[index],
             group=self.group,
@@ -273,7 +296,15 @@ class AllReducedGrads(_FullGrads):
 
 
 class StepReducedGrads(_FullGrads):
-    """Stage 1: nothing is sent in backward; each bucket is reduce-scattered at the step."""
+    """Stage 1: nothing is sent in backward; each bucket is reduce-scattered at the step.
+
+    What gloo receives into (`scratch`) is kept across steps, by size (`bufpool.GatherPool`):
+    the same buffers serve every step, so the step faults no fresh pages. Two buckets are in
+    flight at once, so at most two buffers of a size exist."""
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
+        super().__init__(layout, params, **kw)
+        self._scratch = GatherPool(capacity=2)
 
     def end_backward(self) -> None:
         self._relink_all()
@@ -285,7 +316,7 @@ class StepReducedGrads(_FullGrads):
             return
         # Two buckets in flight, so what gloo receives into is reused (fresh pages each step
         # cost more than the reductions' overlap gains).
-        scratch, inflight = _BufferPool(keep=1), deque()
+        scratch, inflight = self._scratch, deque()
         for fu in _trainable(self.layout):
             lo, hi = self._owned(fu)
             flat = self.flats[fu.index]
@@ -295,6 +326,13 @@ class StepReducedGrads(_FullGrads):
                 done.wait()
                 if buf is not None:
                     scratch.give(buf)
+            if self.sparse is not None and self.sparse.handles(fu.index):
+                sparse = self.sparse.launch_full(
+                    fu.index, flat, dense_bytes=flat.numel() * flat.element_size()
+                )
+                if sparse is not None:
+                    inflight.append((sparse, None))
+                    continue
             buf = scratch.take(n, flat.dtype, flat.device) if n else None
             inflight.append(
                 (
@@ -311,9 +349,15 @@ class StepReducedGrads(_FullGrads):
                     buf,
                 )
             )
-        for done, _ in inflight:
+        for done, buf in inflight:
             done.wait()
+            if buf is not None:
+                scratch.give(buf)
         self._unreduced = False
+
+    def pooled_bytes(self) -> int:
+        """Bytes of the reduce-scatter buffers kept for the next step."""
+        return self._scratch.idle_bytes()
 
 
 class _Reduction:
@@ -344,11 +388,14 @@ class ShardedGrads(_GradStore):
         poll: bool,
         keep_shards: bool,
         on_unit_grads_done: Callable[[str], None] | None = None,
+        buffers=None,
     ):
         """`poll`: backward never blocks on a reduction, it retires those seen complete
         (`StagePlan.poll_reductions`, stage 3). `keep_shards`: see `ZeroConfig.keep_grad_shards`.
         `on_unit_grads_done` (stage 3) is called when every trainable parameter of a unit has
-        its gradient."""
+        its gradient. `buffers` (stage 3): a `bufpool.GatherPool` that the bucket buffers are
+        taken from and given back to, across passes: the unit's released parameter block
+        serves its gradient bucket, then the next gather."""
         self.group, self.stats, self.dtype = group, stats, dtype
         self.max_inflight, self.poll = max_inflight, poll
         self.keep_shards = keep_shards
@@ -369,7 +416,8 @@ class ShardedGrads(_GradStore):
                     fu.params
                 )
         self._unit_remaining = dict(self._unit_expected)
-        self._buffers = _BufferPool(keep=1)
+        self._shared_buffers = buffers is not None
+        self._buffers = buffers if buffers is not None else _BufferPool(keep=1)
         self._scratch = _BufferPool(keep=1)  # what gloo's reduce-scatter receives into
         # Bucket sizes still to launch this pass: a retired buffer is kept only for one of them.
         self._sizes_per_pass = Counter(fu.padded_numel for fu in _trainable(layout))
@@ -394,6 +442,10 @@ class ShardedGrads(_GradStore):
 
     def _launch(self, index: int):
         fu = self.layout.flat_units[index]
+        if self.sparse is not None and self.sparse.handles(index):
+            sparse = self._launch_sparse(fu)
+            if sparse is not None:
+                return sparse
         # 1D, transient. Only what no gradient fills is zeroed: the padding, and parameters
         # without a gradient on this rank (a full fill would touch the bucket twice).
         packed = self._buffers.take(fu.padded_numel, self.dtype, self._devices[index])
@@ -419,7 +471,7 @@ class ShardedGrads(_GradStore):
         else:
             out = self.shards[index] = packed.new_empty(hi - lo)
         n = comm.reduce_scatter_scratch_numel(
-            self.group, out.numel(), in_place=not fresh, polled=self.poll
+            self.group, out.numel(), in_place=not fresh, polled=self.poll, quantize=self.quantize
         )
         scratch = self._scratch.take(n, self.dtype, self._devices[index]) if n else None
         handle = comm.reduce_scatter(
@@ -432,10 +484,46 @@ class ShardedGrads(_GradStore):
             tag=index,
             scratch=scratch,
             polled=self.poll,
+            quantize=self.quantize,
         )
         return _Reduction(handle, None if fresh else out, packed, scratch)
 
-    def _finish(self, index: int, launched: _Reduction) -> None:
+    def _launch_sparse(self, fu: FlatUnit) -> RowsReduction | None:
+        """The sparse embedding's rows touched on any rank, all-reduced and added to the
+        shard's part of them; None when the dense reduction must run."""
+        index, p = fu.index, self.params[fu.params[0].name]
+        size = torch.empty((), dtype=self.dtype).element_size()
+        union = self.sparse.exchange(
+            index, p.grad, dense_bytes=fu.padded_numel * size, element_size=size
+        )
+        self.sparse.clear(index)  # this micro-step's rows are reduced either way
+        if union is None:
+            return None
+        grad, p.grad = p.grad, None  # the full gradient is freed as soon as it is packed
+        self._sizes_to_come[fu.padded_numel] -= 1
+        lo, hi = fu.shard_range(self.group.rank)
+        shard = self.shards.get(index)
+        if shard is None:
+            shard = self.shards[index] = torch.empty(
+                hi - lo, dtype=self.dtype, device=self._devices[index]
+            )
+        if index not in self._written:
+            shard.zero_()
+            self._written.add(index)
+        _, dim = self.sparse.rows_of(index)
+        return self.sparse.reduce_rows(
+            index,
+            grad,
+            union,
+            lambda summed: add_rows_to_shard(shard, lo, union, summed, dim),
+            dtype=self.dtype,
+            device=self._devices[index],
+        )
+
+    def _finish(self, index: int, launched: _Reduction | RowsReduction) -> None:
+        if isinstance(launched, RowsReduction):
+            launched.wait()
+            return
         handle, out, packed, scratch = (
             launched.handle,
             launched.out,
@@ -448,7 +536,7 @@ class ShardedGrads(_GradStore):
         # Keep the buffers only for a bucket of their size still to come this pass: GPT-2's
         # last block bucket would otherwise sit through the embedding backward, where memory
         # peaks.
-        if self._sizes_to_come[packed.numel()] > 0:
+        if self._shared_buffers or self._sizes_to_come[packed.numel()] > 0:
             self._buffers.give(packed)
             if scratch is not None:
                 self._scratch.give(scratch)
@@ -456,7 +544,8 @@ class ShardedGrads(_GradStore):
     def end_backward(self) -> None:
         self.scheduler.flush()
         self._pass_open = False
-        self._buffers.clear()
+        if not self._shared_buffers:
+            self._buffers.clear()
         self._scratch.clear()
         self._sizes_to_come = Counter(self._sizes_per_pass)
         self._unit_remaining = dict(self._unit_expected)

@@ -22,6 +22,8 @@ modules (so calling `engine.module` directly, `generate` included, works):
   4. post-backward: release once every trainable parameter of the unit has its gradient (the
      gradient store calls `on_unit_grads_done`), or at the end of backward.
 The root unit (everything outside unit modules) uses the model's own forward hooks.
+Gathered buffers come from a `bufpool.GatherPool` (the memory of a released unit goes to the next
+gathered unit of its size, across steps), so steady-state training allocates no new pages.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import comm
+from .bufpool import GatherPool
 from .partition import ROOT_UNIT, FlatUnit, Layout
 from .schedule import GatherSequence
 
@@ -118,6 +121,9 @@ class ReplicatedParams:
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self.flats)
 
+    def pooled_bytes(self) -> int:
+        return 0
+
 
 class UnitState(enum.Enum):
     SHARDED = "sharded"
@@ -129,6 +135,8 @@ class ShardedParams:
     """Stage 3: each rank holds 1/N of every flat unit; units are gathered around their use."""
 
     sharded = True
+    quantize: int | None = None
+    """Block size of the int8 parameter all-gather (set by the engine); None: exact."""
 
     def __init__(
         self,
@@ -157,6 +165,9 @@ class ShardedParams:
         self.state = {u: UnitState.SHARDED for u in unit_modules}
         self._pending: dict[str, list[comm.Pending]] = {}
         self._sequence = GatherSequence(ROOT_UNIT, prefetch=prefetch)
+        # Units of one size alive at once: the one in use, the prefetched next one, and (in
+        # backward) the previous one until its gradients are reduced.
+        self.pool = GatherPool(capacity=3 if prefetch else 2)
         self._hooks = []
         for unit, module in unit_modules.items():
             self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
@@ -183,6 +194,10 @@ class ShardedParams:
     def held_tensors(self) -> list[torch.Tensor]:
         return self.shards + [f for f in self.fulls if f.untyped_storage().nbytes() > 0]
 
+    def pooled_bytes(self) -> int:
+        """Bytes of idle gather buffers kept for the next gathers (not model states)."""
+        return self.pool.idle_bytes()
+
     # ---- gather / release ----------------------------------------------------------------------
 
     def gather(self, unit: str, *, async_op: bool = False, phase: str = "forward") -> None:
@@ -193,7 +208,7 @@ class ShardedParams:
             pending = []
             for i in self.unit_flats[unit]:
                 full = self.fulls[i]
-                full.untyped_storage().resize_(full.numel() * full.element_size())
+                self.pool.acquire(full.untyped_storage(), full.numel() * full.element_size())
                 pending.append(
                     comm.all_gather(
                         full,
@@ -202,6 +217,7 @@ class ShardedParams:
                         stats=self.stats,
                         async_op=True,
                         label=f"all-gather of unit {unit or '<root>'!r} ({phase})",
+                        quantize=self.quantize,
                     )
                 )
             self._pending[unit] = pending
@@ -217,7 +233,7 @@ class ShardedParams:
             return
         self.gather(unit)  # a gather in flight must land before its buffer is freed
         for i in self.unit_flats[unit]:
-            self.fulls[i].untyped_storage().resize_(0)
+            self.pool.release(self.fulls[i].untyped_storage())
         self.state[unit] = UnitState.SHARDED
 
     def release_all(self) -> None:
@@ -229,6 +245,12 @@ class ShardedParams:
 
     def _make_pre_forward(self, unit: str):
         def hook(module, args):
+            if self._sequence.in_backward:
+                # Recomputed inside backward (activation checkpointing around the unit's call):
+                # its backward gather already ran, or runs here; its release comes with its
+                # gradients, as without checkpointing.
+                self.gather(unit, phase="recompute")
+                return
             nxt = self._sequence.forward_start(unit)
             self.gather(unit)
             if nxt is not None:
@@ -238,6 +260,8 @@ class ShardedParams:
 
     def _make_post_forward(self, unit: str):
         def hook(module, args, output):
+            if self._sequence.in_backward:
+                return  # a recompute: see the pre-forward hook
             tensors = []
             if torch.is_grad_enabled():
                 tensors = [

@@ -56,6 +56,8 @@ class ParamEntry:
     unit: str
     group: int
     aliases: tuple[str, ...] = ()
+    solo: bool = False
+    """Placed in a flat unit of its own (a sparse embedding gradient, reduced as one piece)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,8 @@ def plan_layout(
         world_size: number of ranks the flat buffers are sharded over (padding multiple).
         bucket_size: None gives one flat unit per (unit, group) (stage 3). An int packs
             consecutive units of the same group into one flat unit until adding the next unit
-            would exceed `bucket_size` elements (stages 0-2); a unit is never split.
+            would exceed `bucket_size` elements (stages 0-2); a unit is never split, except
+            that a `solo` entry always gets a flat unit of its own, right after its unit's.
 
     Returns:
         Layout whose flat units are ordered by their first unit, then by group (frozen last).
@@ -201,21 +204,23 @@ def plan_layout(
     keys = sorted(by_unit_group, key=lambda k: (unit_order[k[0]], group_key(k[1])))
     # Each entry of `chunks` becomes a flat unit: (units, group, params).
     chunks: list[tuple[list[str], int, list[ParamEntry]]] = []
-    if bucket_size is None:
-        chunks = [([u], g, list(by_unit_group[(u, g)])) for u, g in keys]
-    else:
-        open_chunk: dict[int, tuple[list[str], int, list[ParamEntry]]] = {}
-        for u, g in keys:
-            ps = by_unit_group[(u, g)]
-            n = sum(prod(p.shape) for p in ps)
-            cur = open_chunk.get(g)
-            if cur is not None and sum(prod(p.shape) for p in cur[2]) + n <= bucket_size:
-                cur[0].append(u)
-                cur[2].extend(ps)
-            else:
-                cur = ([u], g, list(ps))
-                open_chunk[g] = cur
-                chunks.append(cur)
+    open_chunk: dict[int, tuple[list[str], int, list[ParamEntry]]] = {}
+    for u, g in keys:
+        ps = [p for p in by_unit_group[(u, g)] if not p.solo]
+        n = sum(prod(p.shape) for p in ps)
+        cur = open_chunk.get(g)
+        if not ps:
+            pass
+        elif bucket_size is None:
+            chunks.append(([u], g, ps))
+        elif cur is not None and sum(prod(p.shape) for p in cur[2]) + n <= bucket_size:
+            cur[0].append(u)
+            cur[2].extend(ps)
+        else:
+            cur = ([u], g, list(ps))
+            open_chunk[g] = cur
+            chunks.append(cur)
+        chunks.extend(([u], g, [p]) for p in by_unit_group[(u, g)] if p.solo)
     flat_units = []
     for i, (units, g, ps) in enumerate(chunks):
         offset, specs = 0, []

@@ -17,12 +17,21 @@ follows freed memory the same way for every engine. The engines, run one after a
     fsdp2             fully_shard per GPT2Block and the root, reshard_after_forward=True
     fsdp2_no_reshard  the same with reshard_after_forward=False
     hf_zero0..3       hf_zero.initialize(..., ZeroConfig(stage=k))
+    hf_zero2_bert     stage 2 on a BERT classifier shaped like all-MiniLM-L6-v2, dense gradients
+    hf_zero2_sparse   the same with sparse embedding gradients (exact; the default)
+    hf_zero3_q8       stage 3 with int8 parameter all-gather and gradient reduce-scatter (lossy)
     deepspeed2, 3     DeepSpeed ZeRO-2 / ZeRO-3 with the same torch AdamW (if installed)
 
 Per engine: the median step time (max over ranks per step), its ratio to DDP and to the peer
-stage, model-state bytes per rank next to the ZeRO formula, peak RSS per rank, bytes each rank
-sent per step (gloo: counted by the kernel) next to the 2Ψ/3Ψ volume, and the loss of the last
-step, which must agree across engines (a benchmark of wrong training is worthless). Then two
+stage, model-state bytes per rank next to the ZeRO formula, peak RSS per rank, minor page faults
+per measured step (fresh pages touched: memory churn, independent of the machine's load), bytes
+each rank sent per step (gloo: counted by the kernel) next to the 2Ψ/3Ψ volume, and the loss of
+the last step, which must agree across engines (a benchmark of wrong training is worthless).
+With `--rounds K` the engines run round-robin K times; a ratio is the median of the per-round
+ratios (engine ÷ peer in the same round), so a round where the machine slowed down cancels.
+Then the gradient-accumulation case (`--accum-steps`, 4 micro-steps per step, `--accum-engines`):
+stage 1 communicates once per optimizer step, stage 2 every micro-step, DDP-fused skips it
+inside no_sync(); run in the same rounds as the main engines. Then two
 sweeps: step time and memory against model size at fixed N, and memory against N at a fixed
 model. Then consolidation: `hf_zero.consolidate` against DeepSpeed's `zero_to_fp32` on the
 ZeRO-3 checkpoints both engines saved after their runs, each in a fresh process.
@@ -50,7 +59,7 @@ import time
 from pathlib import Path
 
 from bench_engines import ENGINES as TABLE
-from bench_report import FORMULA_RTOL, markdown, plots, targets
+from bench_report import FORMULA_RTOL, accum_targets, markdown, plots, step_ratio, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "scripts" / "bench_worker.py"
@@ -63,6 +72,16 @@ MODELS = {
     "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8, "vocab_size": 50257},
     "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
 }
+# The engines with model="bert" train this one, whatever --model says: all-MiniLM-L6-v2's shape
+# (--quick: its 30,522-row vocabulary on 2 narrow layers).
+BERT = {"kind": "bert", "n_layer": 6, "n_embd": 384, "n_head": 12, "vocab_size": 30522}
+BERT_QUICK = {"kind": "bert", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 30522}
+
+
+def bert_shape(args) -> dict:
+    return BERT_QUICK if args.quick else BERT
+
+
 # The engines and what each must show live in one table (bench_engines.py), read by the worker
 # and the tests too. Derived here: which ZeRO stage an engine's memory matches, its communication
 # volume in elements per rank per step (the ZeRO paper's convention: an all-reduce is 2Ψ, a
@@ -71,6 +90,10 @@ ENGINES = list(TABLE)
 STAGE = {e.name: e.stage for e in TABLE.values()}
 VOLUME = {e.name: e.volume for e in TABLE.values()}
 PEERS = {e.name: list(e.peers) for e in TABLE.values() if e.peers}
+# The gradient-accumulation case: stage 1 communicates once per optimizer step, stages 2-3
+# every micro-step, against DDP (which skips communication inside no_sync()).
+ACCUM_ENGINES = ("ddp_fused", "hf_zero1", "hf_zero2")
+ACCUM_REFERENCE = "ddp_fused"
 LOSS_RTOL = 1e-4  # fp32, a few steps: reduction order moves the loss by ~1e-6 relative
 
 
@@ -85,8 +108,14 @@ def count_params(model: dict, seq: int) -> int:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_worker import build_model
+
     with torch.device("meta"):
-        m = GPT2LMHeadModel(GPT2Config(n_positions=max(seq, 128), **model))
+        if model.get("kind") == "bert":
+            m = build_model({"model": model, "seq": seq})
+        else:
+            m = GPT2LMHeadModel(GPT2Config(n_positions=max(seq, 128), **model))
     return sum(p.numel() for p in m.parameters())
 
 
@@ -111,12 +140,13 @@ def missing_requirement(engine: str) -> str | None:
 
 def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, **extra) -> dict:
     """Run one engine in fresh processes; returns the per-rank results merged, or an error."""
-    out = work / f"{model_key}-n{world_size}-{engine}"
+    accum = extra.get("accum", 1)
+    out = work / (f"{model_key}-n{world_size}-{engine}" + (f"-accum{accum}" if accum > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     ranks = 1 if TABLE[engine].single else world_size
     spec = {
         "engine": engine,
-        "model": MODELS[model_key],
+        "model": bert_shape(args) if TABLE[engine].model == "bert" else MODELS[model_key],
         "world_size": world_size,
         "batch": args.batch,
         "seq": args.seq,
@@ -126,6 +156,7 @@ def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, *
         "port": free_port(),
         "out": str(out),
         "save_dir": extra.get("save_dir"),
+        "accum": extra.get("accum", 1),
     }
     (out / "spec.json").write_text(json.dumps(spec))
     env = {
@@ -179,16 +210,26 @@ def run_engine(engine: str, args, model_key: str, world_size: int, work: Path, *
         "model": model_key,
         "world_size": world_size,
         "ranks": ranks,
+        "accum": accum,
         "step_s": statistics.median(per_step),
         "step_times_s": per_step,
         "final_loss": results[0]["final_loss"],
         "optimizer_kernel": results[0].get("optimizer_kernel"),
         "state_bytes": [r["state_bytes"] for r in results],
         "peak_rss_bytes": [r["peak_rss_bytes"] for r in results],
+        "minor_faults_per_step": [r["minor_faults_per_step"] for r in results],
+        "fault_bytes_per_step": [r["minor_faults_per_step"] * r["page_bytes"] for r in results],
         "sent_bytes_per_step": [r["sent_bytes_per_step"] for r in results],
         "wall_s": wall,
     }
-    for key in ("memory_stats", "comm_bytes_per_step", "comm_path", "peak_cuda_bytes", "save_s"):
+    for key in (
+        "memory_stats",
+        "comm_bytes_per_step",
+        "comm_path",
+        "wire_stats",
+        "peak_cuda_bytes",
+        "save_s",
+    ):
         if key in results[0]:
             merged[key] = [r.get(key) for r in results]
     return merged
@@ -236,28 +277,60 @@ def check_rounds(rounds: dict[str, list[dict]]) -> list[str]:
 
 
 def add_ratios(results: dict[str, dict]) -> None:
-    ddp = results.get("ddp", {}).get("step_s")
+    """Step-time ratios to DDP and to the peers: the median of the per-round ratios
+    (`bench_report.step_ratio`, what the targets use), and beside it, with rounds, the ratio of
+    the engines' median step times (`vs_ddp_of_medians`)."""
+    ddp = results.get("ddp", {})
     for e, res in results.items():
         if "error" in res or "skipped" in res:
             continue
-        res["vs_ddp"] = res["step_s"] / ddp if ddp else None
+        res["vs_ddp"] = step_ratio(res, ddp)
+        if "step_s_rounds" in res and "step_s" in ddp:
+            res["vs_ddp_of_medians"] = res["step_s"] / ddp["step_s"]
         res["vs_peer"] = {
-            p: res["step_s"] / results[p]["step_s"]
+            p: step_ratio(res, results[p])
             for p in PEERS.get(e, [])
             if "step_s" in results.get(p, {})
         }
 
 
-def check_losses(results: dict[str, dict]) -> list[str]:
-    ref_name = "single" if "final_loss" in results.get("single", {}) else "ddp"
-    ref = results.get(ref_name, {}).get("final_loss")
+def add_accum_ratios(results: dict[str, dict]) -> None:
+    """Accumulation case: step time over `ACCUM_REFERENCE`'s (median of per-round ratios)."""
+    ref = results.get(ACCUM_REFERENCE, {})
+    for res in results.values():
+        if "step_s" in res:
+            res["vs_reference"] = step_ratio(res, ref)
+
+
+def check_accum_losses(results: dict[str, dict]) -> list[str]:
+    ref = results.get(ACCUM_REFERENCE, {}).get("final_loss")
     problems = []
     for e, res in results.items():
         if "final_loss" not in res or ref is None:
             continue
+        diff = abs(res["final_loss"] - ref) / abs(ref)
+        if diff > LOSS_RTOL:
+            problems.append(
+                f"{e} (accumulation): final loss {res['final_loss']:.7g} differs from "
+                f"{ACCUM_REFERENCE}'s {ref:.7g} by {diff:.2e} relative (> {LOSS_RTOL:g})"
+            )
+    return problems
+
+
+def check_losses(results: dict[str, dict]) -> list[str]:
+    """Every exact engine ends at its model's reference loss (GPT-2: one process, else DDP;
+    BERT: its dense stage 2); a lossy one's difference is reported only."""
+    gpt2_ref = "single" if "final_loss" in results.get("single", {}) else "ddp"
+    refs = {"gpt2": gpt2_ref, "bert": "hf_zero2_bert"}
+    problems = []
+    for e, res in results.items():
+        ref_name = refs[TABLE[e].model]
+        ref = results.get(ref_name, {}).get("final_loss")
+        if "final_loss" not in res or ref is None:
+            continue
         res["loss_rel_diff"] = abs(res["final_loss"] - ref) / abs(ref)
         res["loss_reference"] = ref_name
-        if res["loss_rel_diff"] > LOSS_RTOL:
+        if res["loss_rel_diff"] > LOSS_RTOL and TABLE[e].exact:
             problems.append(
                 f"{e}: final loss {res['final_loss']:.7g} differs from {ref_name}'s {ref:.7g} "
                 f"by {res['loss_rel_diff']:.2e} relative (> {LOSS_RTOL:g})"
@@ -369,6 +442,17 @@ def parse_args(argv=None):
         help="run the main engines this many times, round-robin; s/step is the median of rounds",
     )
     p.add_argument("--engines", help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument(
+        "--accum-steps",
+        type=int,
+        default=4,
+        help="micro-steps per optimizer step in the gradient-accumulation case",
+    )
+    p.add_argument(
+        "--accum-engines",
+        default=",".join(ACCUM_ENGINES),
+        help="engines in the gradient-accumulation case (comma-separated; '' for none)",
+    )
     p.add_argument("--sizes", help="models for the size sweep (comma-separated; '' for none)")
     p.add_argument("--world-sizes", help="N for the memory sweep (comma-separated; '' for none)")
     p.add_argument("--size-engines", help="engines in the size sweep")
@@ -403,7 +487,7 @@ def parse_args(argv=None):
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("engines", "size_engines", "sweep_engines"):
+    for name in ("engines", "size_engines", "sweep_engines", "accum_engines"):
         val = getattr(args, name)
         chosen = ENGINES if val is None else [e for e in val.split(",") if e]
         bad = [e for e in chosen if e not in ENGINES]
@@ -422,6 +506,11 @@ def parse_args(argv=None):
         p.error("world sizes must be >= 1")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.accum_steps < 2:
+        p.error(f"--accum-steps must be >= 2, got {args.accum_steps}")
+    unsupported = [e for e in args.accum_engines if TABLE[e].setup == "setup_fsdp2"]
+    if unsupported:
+        p.error(f"--accum-engines: {unsupported} have no no_sync(); use DDP, hf_zero or DeepSpeed")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device == "cuda":
@@ -442,20 +531,25 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hf_zero_bench-", dir=out_dir if args.keep_work else None))
     started = time.perf_counter()
     numel_of = {m: count_params(MODELS[m], args.seq) for m in {args.model, *args.sizes}}
+    numel_of["bert"] = count_params(bert_shape(args), args.seq)
 
     def one(engine, model_key, n, **kw):
         if (why := missing_requirement(engine)) is not None:
             return {"engine": engine, "skipped": why}
         t0 = time.perf_counter()
         res = run_engine(engine, args, model_key, n, work, **kw)
-        annotate(res, numel_of[model_key])
+        annotate(res, numel_of["bert" if TABLE[engine].model == "bert" else model_key])
         status = res.get("error") or f"{res['step_s']:.3f} s/step"
-        progress(f"  {engine:<17} {model_key} N={n}: {status} ({time.perf_counter() - t0:.0f} s)")
+        acc = f" accum={kw['accum']}" if kw.get("accum", 1) > 1 else ""
+        progress(
+            f"  {engine:<17} {model_key} N={n}{acc}: {status} ({time.perf_counter() - t0:.0f} s)"
+        )
         return res
 
     progress(f"main: {args.model}, {args.world_size} ranks, {args.device}")
     save_dir = None if args.no_consolidate else work / "checkpoints"
     rounds: dict[str, list[dict]] = {e: [] for e in args.engines}
+    accum_rounds: dict[str, list[dict]] = {e: [] for e in args.accum_engines}
     for k in range(args.rounds):
         if args.rounds > 1:
             progress(f"round {k + 1} of {args.rounds}")
@@ -463,9 +557,14 @@ def main(argv=None) -> int:
         for e in args.engines:
             where = str(save_dir) if save_dir and last else None
             rounds[e].append(one(e, args.model, args.world_size, save_dir=where))
+        for e in args.accum_engines:  # in the same round, so per-round ratios hold here too
+            accum_rounds[e].append(one(e, args.model, args.world_size, accum=args.accum_steps))
     main_results = {e: merge_rounds(rs) for e, rs in rounds.items()}
     add_ratios(main_results)
-    problems = check_losses(main_results) + check_rounds(rounds)
+    accum_results = {e: merge_rounds(rs) for e, rs in accum_rounds.items()}
+    add_accum_ratios(accum_results)
+    problems = check_losses(main_results) + check_rounds(rounds) + check_rounds(accum_rounds)
+    problems += check_accum_losses(accum_results)
 
     consolidation = {}
     if save_dir is not None:
@@ -498,7 +597,9 @@ def main(argv=None) -> int:
         if "error" in r:
             problems.append(f"{r['engine']} (sweep): {r['error']}")
     problems += [
-        f"{e}: {r['error']}\n{r['log_tail']}" for e, r in main_results.items() if "error" in r
+        f"{e}: {r['error']}\n{r['log_tail']}"
+        for e, r in [*main_results.items(), *accum_results.items()]
+        if "error" in r
     ]
     report = {
         "command": " ".join(
@@ -515,10 +616,12 @@ def main(argv=None) -> int:
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
+            "accum_steps": args.accum_steps,
             "device": args.device,
         },
         "main_numel": numel_of[args.model],
         "main": main_results,
+        "accumulation": {"micro_steps": args.accum_steps, "results": accum_results},
         "targets": [],
         "consolidation": consolidation,
         "model_sweep": [r for r in model_sweep if "skipped" not in r],
@@ -527,6 +630,7 @@ def main(argv=None) -> int:
         "total_s": None,
     }
     report["targets"] = targets(main_results, consolidation, model_sweep)
+    report["targets"] += accum_targets(accum_results, args.accum_steps)
     report["total_s"] = time.perf_counter() - started
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     md = markdown(report)

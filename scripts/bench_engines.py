@@ -42,6 +42,18 @@ class Engine:
     requires: str | None = None
     """An optional package it needs; without it the engine is skipped, saying so."""
 
+    model: str = "gpt2"
+    """What it trains: "gpt2" (the benchmark's GPT-2) or "bert" (a BERT classifier shaped like
+    all-MiniLM-L6-v2, built from its config: a 30,522-row word embedding, half the model)."""
+
+    exact: bool = True
+    """Whether its loss must equal the reference's (the same model's exact engines); False for
+    lossy communication, whose loss is reported, not checked."""
+
+
+INT8 = {"params": "int8", "grads": "int8", "block_size": 256}
+"""ZeRO++-style quantized communication: the stage-3 parameter all-gather and the gradient
+reduce-scatter in blockwise int8."""
 
 _ENGINES = [
     Engine("single", "setup_single", single=True, volume=0),
@@ -64,6 +76,35 @@ _ENGINES = [
         volume=3,
         fused=True,
         peers=("deepspeed3", "fsdp2"),
+    ),
+    # What crosses the wire: sparse embedding gradients (exact) on BERT against the dense
+    # reduction, and int8 collectives (lossy) against exact stage 3.
+    Engine(
+        "hf_zero2_bert",
+        "setup_hf_zero",
+        {"stage": 2, "config": {"sparse_embedding_grads": False}},
+        stage=2,
+        fused=True,
+        model="bert",
+    ),
+    Engine(
+        "hf_zero2_sparse",
+        "setup_hf_zero",
+        {"stage": 2},
+        stage=2,
+        fused=True,
+        model="bert",
+        peers=("hf_zero2_bert",),
+    ),
+    Engine(
+        "hf_zero3_q8",
+        "setup_hf_zero",
+        {"stage": 3, "config": {"comm_quantization": INT8}},
+        stage=3,
+        volume=3,
+        fused=True,
+        exact=False,
+        peers=("hf_zero3",),
     ),
     Engine("deepspeed2", "setup_deepspeed", {"stage": 2}, stage=2, requires="deepspeed"),
     Engine("deepspeed3", "setup_deepspeed", {"stage": 3}, stage=3, volume=3, requires="deepspeed"),

@@ -4,8 +4,11 @@
 
 Every engine trains the same GPT-2 (same config, seed and initial weights, dropout off) with the
 same AdamW on the same token batches: the global batch of step s is drawn from a generator
-seeded with s, and rank r takes rows [r*B, (r+1)*B). The `single` engines are one process on the
-whole global batch, with as many threads as the other runs have ranks: the compute limit.
+seeded with s, and rank r takes rows [r*B, (r+1)*B). With gradient accumulation (`accum` in
+the spec), a step is `accum` micro-steps, micro-step m drawing batch s*accum + m; the
+micro-steps before the last run inside `no_sync()`, and the loss is their mean. The `single`
+engines are one process on the whole global batch, with as many threads as the other runs have
+ranks: the compute limit.
 
 Per rank it measures:
   - the time of every step (forward, backward, optimizer step, zero_grad), after a barrier at
@@ -17,12 +20,16 @@ Per rank it measures:
     counted once, so DDP's gradient buckets, FSDP2's DTensor shards and DeepSpeed's flat
     partitions are all counted the same way;
   - peak RSS of the process (getrusage), before any checkpoint is saved;
+  - minor page faults of every step (getrusage `ru_minflt`): fresh pages the step touched, which
+    is what a step that frees and reallocates its buffers pays for, whatever the machine's load;
+    the median over the measured steps (steady state: warm-up steps are left out);
   - the global mean loss of the last step (all-reduced).
 It writes them to `<out>/rank<r>.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -47,6 +54,23 @@ def build_model(spec: dict) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     m = spec["model"]
+    if m.get("kind") == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        return BertForSequenceClassification(
+            BertConfig(
+                vocab_size=m["vocab_size"],
+                hidden_size=m["n_embd"],
+                num_hidden_layers=m["n_layer"],
+                num_attention_heads=m["n_head"],
+                intermediate_size=4 * m["n_embd"],
+                max_position_embeddings=max(spec["seq"], 128),
+                num_labels=2,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            )
+        )
     config = GPT2Config(
         vocab_size=m["vocab_size"],
         n_positions=max(spec["seq"], 128),
@@ -71,6 +95,14 @@ def batch(spec: dict, step: int, rank: int, world_size: int) -> torch.Tensor:
     if world_size == 1:
         return ids
     return ids[rank * b : (rank + 1) * b]
+
+
+def inputs(spec: dict, ids: torch.Tensor) -> dict:
+    """The model's keyword arguments for a batch of ids: a causal LM predicts the ids, the
+    BERT classifier a label derived from them."""
+    if spec["model"].get("kind") == "bert":
+        return {"input_ids": ids, "labels": ids[:, 0] % 2}
+    return {"input_ids": ids, "labels": ids}
 
 
 def wchar() -> int:
@@ -103,7 +135,7 @@ def live_tensor_bytes() -> int:
     return total
 
 
-# ---- engines: each returns (train_step(ids) -> loss tensor, extra stats fn) -------------------
+# ---- engines: each returns (train_step(micro-batches) -> loss tensor, extra stats fn) ------
 
 
 def setup_single(model, spec, device, fused=None):
@@ -114,9 +146,16 @@ def setup_single(model, spec, device, fused=None):
 def _plain(model, opt, after_step=None):
     state = {}
 
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+    def step(micros):
+        if len(micros) > 1 and not hasattr(model, "no_sync"):
+            raise SystemExit(f"gradient accumulation is not set up for {type(model).__name__}")
+        loss = 0.0
+        for k, ids in enumerate(micros):
+            last = k == len(micros) - 1
+            with contextlib.nullcontext() if last else model.no_sync():
+                micro = model(input_ids=ids, labels=ids).loss / len(micros)
+                micro.backward()
+            loss += micro.detach()
         opt.step()
         if state.get("measure"):
             state["state_bytes"] = live_tensor_bytes()
@@ -155,18 +194,22 @@ def setup_fsdp2(model, spec, device, reshard=True):
     return _plain(model, opt), None
 
 
-def setup_hf_zero(model, spec, device, stage):
+def setup_hf_zero(model, spec, device, stage, config=None):
     import hf_zero
 
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-    engine = hf_zero.initialize(
-        model, opt, config=hf_zero.ZeroConfig(stage=stage, **spec.get("hf_zero", {}))
-    )
+    fields = {**spec.get("hf_zero", {}), **(config or {})}
+    engine = hf_zero.initialize(model, opt, config=hf_zero.ZeroConfig(stage=stage, **fields))
     state = {}
 
-    def step(ids):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
+    def step(micros):
+        loss = 0.0
+        for k, ids in enumerate(micros):
+            last = k == len(micros) - 1
+            with contextlib.nullcontext() if last else engine.no_sync():
+                micro = engine(**inputs(spec, ids)).loss / len(micros)
+                engine.backward(micro)
+            loss += micro.detach()
         engine.step()
         if state.get("measure"):
             state["state_bytes"] = live_tensor_bytes()
@@ -182,6 +225,7 @@ def setup_hf_zero(model, spec, device, stage):
         return {
             "comm_stats": engine.comm_stats(),
             "comm_path": dict(engine._stats.paths),
+            "wire_stats": engine.wire_stats(),
         }
 
     return step, extra
@@ -193,7 +237,7 @@ def setup_deepspeed(model, spec, device, stage):
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     config = {
         "train_micro_batch_size_per_gpu": spec["batch"],
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": spec.get("accum", 1),
         # The same bucket size as hf_zero's default (2**23 elements) and DDP's order of
         # magnitude; DeepSpeed's own defaults (5e8) allocate 2 GB buffers up front.
         "zero_optimization": {
@@ -210,13 +254,16 @@ def setup_deepspeed(model, spec, device, stage):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     state = {}
 
-    def step(ids):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
+    def step(micros):
+        loss = 0.0
+        for ids in micros:  # DeepSpeed scales by 1/accumulation and steps at the boundary
+            micro = engine(input_ids=ids, labels=ids).loss
+            engine.backward(micro)
+            engine.step()
+            loss += micro.detach() / len(micros)
         if state.get("measure"):
             state["state_bytes"] = live_tensor_bytes()
-        return loss.detach()
+        return loss
 
     step.state = state
     step.opt = opt
@@ -271,7 +318,7 @@ def main() -> None:
     # op on its first step, allocators grow) land there. Peak RSS is the lifetime peak. One more
     # step after the measured ones takes the memory snapshot (a full scan of live objects is
     # slow), after a barrier so that no collective is still in flight, and gives the loss.
-    times, sent, comm0 = [], None, None
+    times, faults, sent, comm0 = [], [], None, None
     warmup, steps = spec["warmup"], spec["steps"]
     for s in range(warmup + steps + 1):
         if s in (warmup, warmup + steps):
@@ -285,15 +332,19 @@ def main() -> None:
             else:
                 sent = wchar() - sent if sent >= 0 else None
                 comm1 = extra()["comm_stats"] if extra is not None else None
-        ids = batch(spec, s, rank, world_size).to(device)
+        # With accumulation, micro-step m of step s draws global batch s * accum + m.
+        accum = spec.get("accum", 1)
+        ids = [batch(spec, s * accum + m, rank, world_size).to(device) for m in range(accum)]
         step.state["measure"] = s == warmup + steps
         if step.state["measure"]:
             gc.collect()
         sync()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         loss = step(ids)
         sync()
         times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     measured = times[warmup : warmup + steps]
     last = loss.detach().float().clone()
     dist.all_reduce(last)
@@ -304,6 +355,9 @@ def main() -> None:
         "world_size": world_size,
         "step_times_s": measured,
         "median_step_s": statistics.median(measured),
+        "minor_faults": faults[warmup : warmup + steps],
+        "minor_faults_per_step": statistics.median(faults[warmup : warmup + steps]),
+        "page_bytes": resource.getpagesize(),
         "final_loss": last.item(),
         "sent_bytes_per_step": sent / steps if sent is not None and not cuda else None,
         "state_bytes": step.state.get("state_bytes"),

@@ -90,9 +90,28 @@ def test_the_engine_table_is_what_the_benchmark_and_its_worker_run():
 
 def test_losses_agree_across_engines(report):
     losses = {e: r["final_loss"] for e, r in ran(report).items()}
-    ref = losses["single"]
+    refs = {"gpt2": losses["single"], "bert": losses["hf_zero2_bert"]}
     for engine, loss in losses.items():
-        assert abs(loss - ref) <= 1e-4 * abs(ref), (engine, loss, ref)
+        ref = refs[TABLE[engine].model]
+        # int8 collectives are lossy: close, not equal.
+        rtol = 1e-4 if TABLE[engine].exact else 1e-2
+        assert abs(loss - ref) <= rtol * abs(ref), (engine, loss, ref)
+
+
+def test_wire_engines_send_fewer_bytes_than_their_exact_peers(report):
+    main = ran(report)
+    per_step = {e: r["comm_bytes_per_step"] for e, r in main.items() if "comm_bytes_per_step" in r}
+    total = {e: ranks[0]["total"] for e, ranks in per_step.items()}
+    # BERT's word embedding is half the model; a batch touches a few hundred of its rows, so
+    # the gradient reduction halves; the all-gather after the step stays dense (0.74 in all).
+    sparse, dense = per_step["hf_zero2_sparse"][0], per_step["hf_zero2_bert"][0]
+    grads = sparse["reduce_scatter"] + sparse["sparse_rows"] + sparse["sparse_index"]
+    assert grads < 0.55 * dense["reduce_scatter"], (sparse, dense)
+    assert total["hf_zero2_sparse"] < 0.8 * total["hf_zero2_bert"]
+    assert main["hf_zero2_sparse"]["wire_stats"][0]["reductions"].get("sparse", 0) > 0
+    assert 3.3 < total["hf_zero3"] / total["hf_zero3_q8"] < 4.0
+    md = (report["_out"] / "results.md").read_text()
+    assert "| hf_zero3_q8 vs hf_zero3 |" in md and "modelled ms/step at 10 Gbit/s" in md
 
 
 def test_hf_zero_model_state_bytes_equal_the_formula(report):
@@ -126,7 +145,9 @@ def test_wire_bytes_are_counted_and_follow_the_volume(report):
         assert 0.99 <= sent / ddp["volume_wire_bytes"] <= 1.05
     for stage in range(4):
         for sent in main[f"hf_zero{stage}"]["sent_bytes_per_step"]:
-            assert sent >= 0.99 * ddp["volume_wire_bytes"]
+            # Sparse embedding gradients (on by default) send less for the position embedding
+            # rows no batch touched: measured 0.977 of the volume in --quick.
+            assert sent >= 0.95 * ddp["volume_wire_bytes"]
 
 
 def test_outputs_are_written(report):
@@ -205,3 +226,34 @@ def test_targets_are_judged_on_the_main_model_and_every_swept_size():
     assert got["hf_zero2 step time ≤ 1.00× deepspeed2"] == ("–", "n/a")
     assert not any(t.endswith("(small)") and "deepspeed" in t for t in got)
     assert got["hf_zero3 step time ≤ 1.00× fsdp2"] == ("–", "n/a")
+
+
+def test_ratios_are_the_median_of_per_round_ratios():
+    bench, bench_report = _scripts_module("bench"), _scripts_module("bench_report")
+    # Round 2 ran with the whole machine twice as slow: both engines slowed down together, so
+    # the per-round ratios are 0.9, 0.9 and 1.0, while the medians (2.0 and 2.0) say 1.00.
+    eng = bench.merge_rounds([{"step_s": t, "final_loss": 1.0} for t in (0.9, 3.6, 2.0)])
+    ddp = bench.merge_rounds([{"step_s": t, "final_loss": 1.0} for t in (1.0, 4.0, 2.0)])
+    assert (eng["step_s"], ddp["step_s"]) == (2.0, 2.0)
+    assert bench_report.step_ratio(eng, ddp) == pytest.approx(0.9)
+    # An even number of rounds takes the mean of the middle two ratios.
+    two_a = {"step_s": 1, "step_s_rounds": [0.41, 1.2]}
+    two_b = {"step_s": 1, "step_s_rounds": [1, 1]}
+    assert bench_report.step_ratio(two_a, two_b) == pytest.approx(0.805)
+    # One round: the plain ratio; a missing engine: None.
+    assert bench_report.step_ratio({"step_s": 3.0}, {"step_s": 2.0}) == 1.5
+    assert bench_report.step_ratio({"step_s": 3.0}, {}) is None
+    # The report's ratio columns and the targets use the per-round figure; the ratio of the
+    # medians is kept beside it.
+    results = {"ddp": ddp, "hf_zero2": eng, "deepspeed2": dict(ddp)}
+    bench.add_ratios(results)
+    assert results["hf_zero2"]["vs_ddp"] == pytest.approx(0.9)
+    assert results["hf_zero2"]["vs_ddp_of_medians"] == 1.0
+    assert results["hf_zero2"]["vs_peer"] == {"deepspeed2": pytest.approx(0.9)}
+    got = {t: (m, ok) for t, m, ok in bench_report.targets(results, {}, [])}
+    assert got["hf_zero2 step time ≤ 1.00× deepspeed2"] == ("0.900×", "met")
+    # Judged on the ratio of medians, a slower engine would pass a target it misses per round.
+    slow = bench.merge_rounds([{"step_s": t} for t in (1.1, 2.0, 2.2)])
+    fast = bench.merge_rounds([{"step_s": t} for t in (1.0, 4.0, 2.0)])
+    assert slow["step_s"] / fast["step_s"] == 1.0
+    assert bench_report.step_ratio(slow, fast) == pytest.approx(1.1)

@@ -39,6 +39,7 @@ PUBLIC = {
     "full_state_dict",
     "memory_stats",
     "comm_stats",
+    "wire_stats",
     "num_parameters",
     "summary",
 }

@@ -62,7 +62,9 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
-EXPORT_FILES = frozenset((WEIGHTS_NAME, INDEX_NAME, "README.md", *COPIED_FILES))
+# What a PEFT model's adapter export writes (`PeftModel.save_pretrained`).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXPORT_FILES = frozenset((WEIGHTS_NAME, INDEX_NAME, "README.md", *COPIED_FILES, *ADAPTER_FILES))
 _EXPORT_SHARD_RE = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 _SHOWN = 6  # entries named in a refusal
 

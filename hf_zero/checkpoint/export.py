@@ -29,6 +29,7 @@ import torch
 
 from .. import comm
 from ..card import CardInfo
+from .adapter import export_peft, is_peft_model
 from .consolidate import _resolve_dtype, parse_size, write_export
 from .destination import check_export_destination
 from .errors import CheckpointError
@@ -106,8 +107,13 @@ def export_model(
     overwrite: bool = False,
     card: CardInfo | None = None,
     checkpoint: str | os.PathLike | None = None,
+    merge_adapters: bool = False,
 ) -> Path:
     """Export the engine's current weights as the folder `save_pretrained` writes (collective).
+
+    A PEFT model writes its adapter only, as `PeftModel.save_pretrained` does, or with
+    `merge_adapters` the adapters merged into the base as a standard HF folder
+    (`adapter.export_peft`; `card` and `checkpoint` do not apply).
 
     Args:
         state: this rank's view of the engine.
@@ -133,6 +139,21 @@ def export_model(
     out = Path(output_dir)
     _resolve_dtype(dtype)
     parse_size(max_shard_size)
+    if is_peft_model(state.module):
+        return export_peft(
+            state,
+            out,
+            merge_adapters=merge_adapters,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
+    if merge_adapters:
+        raise ValueError(
+            f"merge_adapters=True needs a PEFT model (peft.PeftModel), got "
+            f"{type(state.module).__name__}: it has no adapters to merge"
+        )
     names = export_keys(state.module)
     if names.conversion is not None:
         raise CheckpointError(
