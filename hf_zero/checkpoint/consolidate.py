@@ -257,6 +257,21 @@ def refuse_conversion(manifest: Manifest, where: str) -> None:
         )
 
 
+def refuse_referenced_base(manifest: Manifest, where: str) -> None:
+    """Raise when the checkpoint references its frozen base instead of holding it (a PEFT
+    model's: `frozen`): there is nothing to export it from here."""
+    base = manifest.frozen_base
+    if base is not None:
+        raise CheckpointError(
+            f"{where}: this checkpoint of a PEFT model holds the trained adapter only; its "
+            f"{len(base.digests)} frozen base parameters are referenced "
+            f"({base.source or 'source unknown'}), not stored, so it cannot be consolidated "
+            "offline. Load it into the engine that trains the model (engine.load_checkpoint, "
+            "or resume the Trainer) and export from there: engine.export(folder) writes the "
+            "adapter, engine.export(folder, merge_adapters=True) the merged model"
+        )
+
+
 def _plan(manifest: Manifest, params: _Params, dtype, where: str) -> list[_Export]:
     export = manifest.hf_export
     if export is None:
@@ -445,6 +460,7 @@ def write_export(
         manifest = reader.manifest
         where = str(ckpt / ZERO_DIR / MANIFEST)
         refuse_conversion(manifest, where)
+        refuse_referenced_base(manifest, where)
         params = _Params(reader)
         plan = _plan(manifest, params, want, where)
         params.check_metadata(manifest)

@@ -41,6 +41,7 @@ from .errors import expect as _expect
 from .errors import is_int as _is_int
 from .errors import is_str_list as _is_str_list
 from .errors import show as _show
+from .frozen import FrozenBase
 from .layout_json import layout_from_json, layout_slice, layout_to_json
 from .naming import export_keys
 
@@ -307,12 +308,20 @@ class Manifest:
     """The dynamic loss scaler's state ({} without one)."""
     hf_export: HFExport | None
     files: dict[str, FileEntry]
+    frozen_base: FrozenBase | None = None
+    """Set when the params files leave the frozen flat units out (a PEFT model's base)."""
 
     # ---- writer ------------------------------------------------------------------------------
 
     @classmethod
-    def from_state(cls, state: RankState, files: dict[str, FileEntry]) -> Manifest:
-        """The manifest of a save of `state` whose ranks wrote `files`."""
+    def from_state(
+        cls,
+        state: RankState,
+        files: dict[str, FileEntry],
+        frozen_base: FrozenBase | None = None,
+    ) -> Manifest:
+        """The manifest of a save of `state` whose ranks wrote `files` (and referenced the
+        frozen base `frozen_base` instead of writing it)."""
         opt = state.optimizer
         groups = [
             {
@@ -351,6 +360,7 @@ class Manifest:
                 weight_conversion=names.conversion is not None,
             ),
             files=dict(files),
+            frozen_base=frozen_base,
         )
 
     def to_json(self) -> dict:
@@ -385,6 +395,8 @@ class Manifest:
             if e.conversion is not None:
                 export["conversion"] = e.conversion
             out["hf_export"] = export
+        if self.frozen_base is not None:
+            out["frozen_base"] = self.frozen_base.to_json()
         return out
 
     # ---- reader ------------------------------------------------------------------------------
@@ -478,6 +490,9 @@ class Manifest:
                 weight_conversion=export.get("weight_conversion", False),
             ),
             files={n: FileEntry(e["size"], e["sha256"]) for n, e in files.items()},
+            frozen_base=None
+            if m.get("frozen_base") is None
+            else FrozenBase.parse(m["frozen_base"], where=where),
         )
 
 

