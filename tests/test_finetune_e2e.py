@@ -20,9 +20,9 @@ SCRIPT = ROOT / "scripts" / "finetune.py"
 transformers = pytest.importorskip("transformers")
 
 
-def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
         str(SCRIPT), "--output_dir", str(out), "--disable_tqdm", "true",
         "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "true",
@@ -37,25 +37,28 @@ def _torchrun(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
-def _check_run(proc, out: Path, *, stage: int, auto_class: str) -> dict:
+def _check_run(proc, out: Path, *, stage: int, auto_class: str, world_size: int = 2) -> dict:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert "fine-tune done" in proc.stdout and f"ZeRO stage {stage}, 2 rank(s)" in proc.stdout
+    assert "fine-tune done" in proc.stdout
+    assert f"ZeRO stage {stage}, {world_size} rank(s)" in proc.stdout
     for noise in ("bos_token_id", "loss_type", "Traceback"):
         assert noise not in log, log[-6000:]
     model, info = getattr(transformers, auto_class).from_pretrained(out, output_loading_info=True)
     assert all(not v for v in info.values()), info
     transformers.AutoTokenizer.from_pretrained(out)
     summary = json.loads((out / "finetune_summary.json").read_text())
-    assert (summary["stage"], summary["world_size"]) == (stage, 2)
+    assert (summary["stage"], summary["world_size"]) == (stage, world_size)
     assert summary["num_parameters"] == model.num_parameters()
     per_rank = summary["model_state_bytes_per_rank"]
-    assert len(per_rank) == 2 and max(per_rank) < summary["ddp_model_state_bytes"]
+    assert len(per_rank) == world_size
+    if world_size > 1 and stage > 0:
+        assert max(per_rank) < summary["ddp_model_state_bytes"]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert len(evals) >= 2 and evals[-1] < evals[0], evals  # the same eval set, before and after
     card = (out / "README.md").read_text()
-    assert f"zero-stage-{stage}" in card and "world_size: 2" in card
+    assert f"zero-stage-{stage}" in card and f"world_size: {world_size}" in card
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     return summary
 
@@ -88,13 +91,13 @@ def test_minilm_cls_stage3(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_tiny_gpt2_on_gpus_bf16(tmp_path, stage):
-    """The NCCL path through the Trainer: one process per GPU (2), bf16 compute."""
+    """The NCCL path through the Trainer: one process per GPU (2, or a one-rank NCCL group on a
+    machine with one GPU), bf16 compute."""
     import torch
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    n = min(torch.cuda.device_count(), 2)
     out = tmp_path / f"gpu{stage}"
     proc = _torchrun(out, "--stage", str(stage), "--max_steps", "8", "--bf16", "true",
-                     "--use_cpu", "false", "--max_eval_samples", "16")  # fmt: skip
-    summary = _check_run(proc, out, stage=stage, auto_class="AutoModelForCausalLM")
+                     "--use_cpu", "false", "--max_eval_samples", "16", nproc=n)  # fmt: skip
+    summary = _check_run(proc, out, stage=stage, auto_class="AutoModelForCausalLM", world_size=n)
     assert summary["final_train_loss"] < summary["first_train_loss"]

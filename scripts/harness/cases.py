@@ -110,29 +110,42 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 0.1) -> list[dict
     ]
 
 
-def global_batch(kind: str, step: int, micro: int, world_size: int) -> dict[str, torch.Tensor]:
+def global_batch(
+    kind: str, step: int, micro: int, world_size: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Drawn on the CPU (the same rows on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(1000 * step + micro)
     rows = world_size * PER_RANK
     ids = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
     if kind == "gpt2":
-        return {"input_ids": ids, "labels": ids.clone()}
-    return {"input_ids": ids, "labels": torch.randint(0, LABELS, (rows,), generator=g)}
+        batch = {"input_ids": ids, "labels": ids.clone()}
+    else:
+        batch = {"input_ids": ids, "labels": torch.randint(0, LABELS, (rows,), generator=g)}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def rank_slice(batch: dict, rank: int) -> dict:
     return {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
 
 
-def run_reference(kind: str, steps: int, world_size: int, *, lr: float = 1e-3, clip: float = 1.0):
+def run_reference(
+    kind: str,
+    steps: int,
+    world_size: int,
+    *,
+    lr: float = 1e-3,
+    clip: float = 1.0,
+    device: str = "cpu",
+):
     """Single process, whole global batch.
 
     Returns (losses per micro-step, grad norms, state dict)."""
-    model = make_model(kind)
+    model = make_model(kind).to(device)
     opt = torch.optim.AdamW(param_groups(model), lr=lr)
     losses, norms = [], []
     for step in range(steps):
         for micro in range(ACCUM):
-            loss = model(**global_batch(kind, step, micro, world_size)).loss
+            loss = model(**global_batch(kind, step, micro, world_size, device)).loss
             (loss / ACCUM).backward()
             losses.append(loss.item())
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
@@ -151,15 +164,16 @@ def run_engine(
     lr: float = 1e-3,
     clip: float = 1.0,
     inspect=None,
+    device: str = "cpu",
 ):
     """The same training through the engine. Losses are the global mean (all-reduced)."""
-    model = make_model(kind)
+    model = make_model(kind).to(device)
     opt = torch.optim.AdamW(param_groups(model), lr=lr)
     engine = hf_zero.initialize(model, opt, config=config)
     losses, norms = [], []
     for step in range(steps):
         for micro in range(ACCUM):
-            batch = rank_slice(global_batch(kind, step, micro, world_size), rank)
+            batch = rank_slice(global_batch(kind, step, micro, world_size, device), rank)
             ctx = engine.no_sync() if micro < ACCUM - 1 else contextlib.nullcontext()
             with ctx:
                 loss = engine(**batch).loss

@@ -62,6 +62,7 @@ def run_distributed(
     timeout: float = 300.0,
     env: Mapping[str, str | None] | None = None,
     may_die: Collection[int] = (),
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks, each in its own process.
 
@@ -81,6 +82,8 @@ def run_distributed(
             also before torch or huggingface_hub is imported). A value of None unsets the name.
         may_die: ranks the test kills on purpose; their exit without a report is expected, and
             their result is None.
+        backend: "gloo", or "nccl" with one GPU per rank (rank r on cuda:r, set before the
+            process group starts).
 
     Returns:
         `fn`'s return value from every rank, in rank order. Each must be picklable; tensors are.
@@ -92,6 +95,8 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     try:
         pickle.dumps(fn)
     except Exception as e:
@@ -109,7 +114,7 @@ def run_distributed(
             for rank in range(world_size):
                 p = ctx.Process(
                     target=_worker,
-                    args=(fn, rank, world_size, port, args, timeout, results_q),
+                    args=(fn, rank, world_size, port, args, timeout, results_q, backend),
                     name=f"hf_zero-test-rank{rank}",
                 )
                 p.start()
@@ -199,7 +204,14 @@ def _collect(
 
 
 def _worker(
-    fn: Callable, rank: int, world_size: int, port: int, args: tuple, timeout: float, results_q
+    fn: Callable,
+    rank: int,
+    world_size: int,
+    port: int,
+    args: tuple,
+    timeout: float,
+    results_q,
+    backend: str,
 ) -> None:
     try:
         import torch
@@ -213,8 +225,10 @@ def _worker(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             init_method=f"tcp://127.0.0.1:{port}",

@@ -105,14 +105,18 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_lora_reference(kind: str, steps: int, world_size: int):
+def _on(b: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def run_lora_reference(kind: str, steps: int, world_size: int, *, device: str = "cpu"):
     """One process, the whole global batch. Returns (losses, grad norms, state dict)."""
-    model = make_lora_model(kind)
+    model = make_lora_model(kind).to(device)
     opt = torch.optim.AdamW(trainable(model), lr=LR)
     losses, norms = [], []
     for step in range(steps):
         for micro in range(ACCUM):
-            loss = model(**batch(kind, step, micro, world_size)).loss
+            loss = model(**_on(batch(kind, step, micro, world_size), device)).loss
             (loss / ACCUM).backward()
             losses.append(loss.item())
         norms.append(torch.nn.utils.clip_grad_norm_(trainable(model), 1.0).item())
@@ -131,6 +135,7 @@ def run_lora_engine(
     lora: bool = True,
     checkpointing: bool = False,
     inspect=None,
+    device: str = "cpu",
 ):
     """The same training through the engine (`lora=False`: the base model, every weight
     trainable). Returns (engine, global mean losses, pre-clip grad norms)."""
@@ -141,11 +146,12 @@ def run_lora_engine(
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
+    model.to(device)
     engine = hf_zero.initialize(model, torch.optim.AdamW(trainable(model), lr=LR), config=config)
     losses, norms = [], []
     for step in range(steps):
         for micro in range(ACCUM):
-            full = batch(kind, step, micro, world_size)
+            full = _on(batch(kind, step, micro, world_size), device)
             ctx = engine.no_sync() if micro < ACCUM - 1 else contextlib.nullcontext()
             with ctx:
                 loss = engine(**_slice(kind, full, rank, world_size)).loss
