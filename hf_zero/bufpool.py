@@ -19,6 +19,11 @@ Invariants:
     freed.
   - Idle blocks are memory this rank holds; `idle_bytes()` says how much, and the engine
     reports it beside the model states (`memory_stats()["pooled_buffer_bytes"]`).
+
+torch before 2.13 cannot move memory between storages (no `_swap_data_ptr_`). There `acquire`
+and `release` resize the storage instead (fresh memory at every gather, as before the pool; on
+CUDA the caching allocator recycles it) and the pool keeps nothing. hf_zero needs torch 2.13;
+the fallback lets the CUDA tests run on GPU images that ship an older torch.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["GatherPool"]
+
+_SWAP = hasattr(torch.UntypedStorage, "_swap_data_ptr_")
 
 
 class GatherPool:
@@ -42,6 +49,10 @@ class GatherPool:
         """Give the empty `storage` `nbytes` of memory: an idle block of that size, or a new one.
         Its contents are undefined (the caller overwrites them)."""
         assert storage.nbytes() == 0, "acquire into a storage that still holds memory"
+        if not _SWAP:
+            storage.resize_(nbytes)
+            self.allocated += 1
+            return
         idle = self._idle.get((storage.device, nbytes))
         if idle:
             block = idle.pop()
@@ -54,6 +65,9 @@ class GatherPool:
         """Take the memory out of `storage` (left 0 bytes) and keep it for the next acquire."""
         nbytes = storage.nbytes()
         if nbytes == 0:
+            return
+        if not _SWAP:
+            storage.resize_(0)
             return
         block = torch.UntypedStorage(0, device=storage.device)
         block._swap_data_ptr_(storage)

@@ -42,6 +42,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# torch 2.13 names the tensor collectives reduce_scatter_single and all_gather_single and
+# deprecates the old names, the only ones torch before 2.13 has. hf_zero needs 2.13 (CI runs it);
+# the fallback lets the CUDA tests run on GPU images that ship an older torch.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(
+    dist, "reduce_scatter_tensor", None
+)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(
+    dist, "all_gather_into_tensor", None
+)
+
 __all__ = [
     "WorldInfo",
     "default_world",
@@ -380,7 +390,7 @@ def reduce_scatter(
         work = _issue(
             label,
             group,
-            lambda: dist.reduce_scatter_single(dst, input, group=group.group, async_op=True),
+            lambda: _reduce_scatter_single(dst, input, group=group.group, async_op=True),
         )
         return _finish(work, label, group, async_op, (lambda: own.copy_(dst)) if in_place else None)
     if polled:
@@ -523,7 +533,7 @@ def all_gather(
     work = _issue(
         label,
         group,
-        lambda: dist.all_gather_single(
+        lambda: _all_gather_single(
             output, own if in_place else input, group=group.group, async_op=True
         ),
     )
@@ -722,7 +732,7 @@ def _all_gather_int8(
         work = _issue(
             label,
             group,
-            lambda: dist.all_gather_single(packed, mine, group=group.group, async_op=True),
+            lambda: _all_gather_single(packed, mine, group=group.group, async_op=True),
         )
 
     def unpack_all() -> None:

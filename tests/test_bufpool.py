@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_zero import bufpool
 from hf_zero.bufpool import GatherPool
 
 
@@ -31,6 +32,24 @@ def test_blocks_move_between_storages_and_are_reused_by_size():
     assert t.shape == (3,) and pool.allocated == 2
     pool.give(t)
     assert pool.idle_bytes() == 12
+
+
+def test_without_storage_swaps_the_pool_resizes_in_place_and_keeps_nothing(monkeypatch):
+    # torch before 2.13 has no UntypedStorage._swap_data_ptr_.
+    monkeypatch.setattr(bufpool, "_SWAP", False)
+    pool = GatherPool(capacity=2)
+    full = torch.empty(8)
+    view = full[2:4]
+    full.untyped_storage().resize_(0)
+    pool.acquire(full.untyped_storage(), 32)
+    full.copy_(torch.arange(8.0))
+    assert view.tolist() == [2.0, 3.0]
+    pool.release(full.untyped_storage())
+    assert full.untyped_storage().nbytes() == 0 and pool.idle_bytes() == 0
+    t = pool.take(3, torch.float32, torch.device("cpu"))
+    t.fill_(1.0)
+    pool.give(t)
+    assert pool.allocated == 2 and pool.idle_bytes() == 0
 
 
 def test_at_most_capacity_idle_blocks_per_size():
