@@ -6,8 +6,8 @@ picks one piece of each kind from the plan's named properties and never compares
 - parameters: `ShardedParams` where the plan shards them, else `ReplicatedParams` (which
   all-gathers the updated shards after the step where the optimizer is sharded);
 - gradients: `ShardedGrads` where the plan shards them (polling its reductions at stage 3),
-  else full local gradients, all-reduced in backward (`AllReducedGrads`) or reduce-scattered at
-  the step (`StepReducedGrads`);
+  else full local gradients, all-reduced in backward (`AllReducedGrads`) or reduce-scattered
+  once per step, in the accumulation boundary's backward (`StepReducedGrads`);
 - optimizer: `ShardedOptimizer` over this rank's shard of every flat unit, or over the whole
   buffer where the plan does not shard it.
 

@@ -8,8 +8,9 @@ accumulates micro-steps in place.
     the next synchronised backward (or the step) reduces the accumulated sum. A backward into
     buffers that already hold a reduced sum (a second synchronised backward before the step)
     first divides them by world_size, so every micro-step is counted once, as with DDP.
-  - `StepReducedGrads` (stage 1): nothing is sent during backward. At the accumulation boundary
-    `reduce_for_step` reduce-scatters every bucket once; this rank keeps the summed slice it owns.
+  - `StepReducedGrads` (stage 1): nothing is sent under `no_sync()`. In the backward of the
+    accumulation boundary each bucket is reduce-scattered once, from the gradient hook, while
+    backward goes on; this rank keeps the summed slice it owns.
 
 `ShardedGrads` (stages 2 and 3): every rank holds only its gradient shard. When a bucket's
 gradients are all ready, the hook packs them into a transient flat buffer, frees each
@@ -295,71 +296,6 @@ class AllReducedGrads(_FullGrads):
         self._holds_sum = False
 
 
-class StepReducedGrads(_FullGrads):
-    """Stage 1: nothing is sent in backward; each bucket is reduce-scattered at the step.
-
-    What gloo receives into (`scratch`) is kept across steps, by size (`bufpool.GatherPool`):
-    the same buffers serve every step, so the step faults no fresh pages. Two buckets are in
-    flight at once, so at most two buffers of a size exist."""
-
-    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
-        super().__init__(layout, params, **kw)
-        self._scratch = GatherPool(capacity=2)
-
-    def end_backward(self) -> None:
-        self._relink_all()
-        self._unreduced = True
-
-    def reduce_for_step(self) -> None:
-        """At the accumulation boundary: make each rank's owned slice the sum over ranks."""
-        if not self._unreduced:
-            return
-        # Two buckets in flight, so what gloo receives into is reused (fresh pages each step
-        # cost more than the reductions' overlap gains).
-        scratch, inflight = self._scratch, deque()
-        for fu in _trainable(self.layout):
-            lo, hi = self._owned(fu)
-            flat = self.flats[fu.index]
-            n = comm.reduce_scatter_scratch_numel(self.group, hi - lo, in_place=True)
-            if len(inflight) == 2:
-                done, buf = inflight.popleft()
-                done.wait()
-                if buf is not None:
-                    scratch.give(buf)
-            if self.sparse is not None and self.sparse.handles(fu.index):
-                sparse = self.sparse.launch_full(
-                    fu.index, flat, dense_bytes=flat.numel() * flat.element_size()
-                )
-                if sparse is not None:
-                    inflight.append((sparse, None))
-                    continue
-            buf = scratch.take(n, flat.dtype, flat.device) if n else None
-            inflight.append(
-                (
-                    comm.reduce_scatter(
-                        flat[lo:hi],  # in place: the owned slice receives the sum
-                        flat,
-                        group=self.group,
-                        stats=self.stats,
-                        async_op=True,
-                        label=f"gradient reduce-scatter of bucket {fu.index} (optimizer step)",
-                        tag=fu.index,
-                        scratch=buf,
-                    ),
-                    buf,
-                )
-            )
-        for done, buf in inflight:
-            done.wait()
-            if buf is not None:
-                scratch.give(buf)
-        self._unreduced = False
-
-    def pooled_bytes(self) -> int:
-        """Bytes of the reduce-scatter buffers kept for the next step."""
-        return self._scratch.idle_bytes()
-
-
 class _Reduction:
     """One bucket's reduce-scatter in flight, and what its finish needs."""
 
@@ -370,6 +306,115 @@ class _Reduction:
 
     def is_completed(self) -> bool:
         return self.handle.is_completed()
+
+
+class StepReducedGrads(_FullGrads):
+    """Stage 1: each bucket is reduce-scattered once per optimizer step, in the backward of the
+    accumulation boundary.
+
+    Under `no_sync()` nothing is sent: the full buffers accumulate locally. In a synchronised
+    backward (the last micro-step) each bucket's reduce-scatter starts from the gradient hook
+    as soon as the bucket is ready and runs while backward goes on, so it overlaps compute
+    (`BucketScheduler`, at most two in flight). A step that follows no synchronised backward
+    (every micro-step under `no_sync()`) reduces at the step instead (`reduce_for_step`).
+
+    After a reduction a rank's owned slice holds the sum over ranks and the rest of its buffer
+    the local gradients already in that sum. A further backward before the step (through
+    `engine.backward`) first zeroes that rest, so the next reduction counts each micro-step
+    once, as DDP does; a raw `loss.backward()` there is refused.
+
+    What gloo receives into (`scratch`) is kept across steps, by size (`bufpool.GatherPool`):
+    the same buffers serve every step, so the step faults no fresh pages. Two buckets are in
+    flight at once, so at most two buffers of a size exist."""
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
+        super().__init__(layout, params, **kw)
+        self._scratch = GatherPool(capacity=2)
+        self._units = {fu.index: fu for fu in _trainable(layout)}
+        self._reduced = False  # owned slices hold the sum over ranks since zero()
+        # max_inflight=1 blocks a launch on the one before it, so at most two are in flight.
+        self.scheduler = self._scheduler(1, True)
+
+    def before_backward(self) -> None:
+        if self._reduced:
+            for fu in self._units.values():
+                lo, hi = self._owned(fu)
+                flat = self.flats[fu.index]
+                flat[:lo].zero_()
+                flat[hi:].zero_()
+            self._reduced = False
+            self._unreduced = True
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if self._reduced:
+            raise RuntimeError(
+                "hf_zero stage 1: a second backward before step() went through "
+                "loss.backward(); its gradients would add to buffers already reduce-scattered "
+                "by the first and count it twice. Call engine.backward(loss) (which prepares "
+                "the buffers first), run the micro-steps before the last one under "
+                "engine.no_sync(), or call engine.step() in between"
+            )
+        super()._on_grad(p)
+        if self.sync:
+            self.scheduler.mark_ready(self._flat_of[p])
+
+    def _launch(self, index: int) -> _Reduction:
+        fu, flat = self._units[index], self.flats[index]
+        lo, hi = self._owned(fu)
+        if self.sparse is not None and self.sparse.handles(index):
+            sparse = self.sparse.launch_full(
+                index, flat, dense_bytes=flat.numel() * flat.element_size()
+            )
+            if sparse is not None:
+                return _Reduction(sparse, None, None, None)
+        n = comm.reduce_scatter_scratch_numel(self.group, hi - lo, in_place=True)
+        buf = self._scratch.take(n, flat.dtype, flat.device) if n else None
+        handle = comm.reduce_scatter(
+            flat[lo:hi],  # in place: the owned slice receives the sum
+            flat,
+            group=self.group,
+            stats=self.stats,
+            async_op=True,
+            label=f"gradient reduce-scatter of bucket {index} (backward)",
+            tag=index,
+            scratch=buf,
+        )
+        return _Reduction(handle, None, None, buf)
+
+    def _finish(self, index: int, launched: _Reduction) -> None:
+        launched.handle.wait()
+        if launched.scratch is not None:
+            self._scratch.give(launched.scratch)
+
+    def end_backward(self) -> None:
+        self._relink_all()
+        if self.sync:
+            self.scheduler.flush()
+            self._unreduced, self._reduced = False, True
+        else:
+            self.scheduler.reset()
+            self._unreduced = True
+
+    def reduce_for_step(self) -> None:
+        """At the accumulation boundary: reduce what no synchronised backward reduced."""
+        if not self._unreduced:
+            return
+        inflight: deque = deque()
+        for index in self.scheduler.order:
+            if len(inflight) == 2:
+                self._finish(*inflight.popleft())
+            inflight.append((index, self._launch(index)))
+        for index, launched in inflight:
+            self._finish(index, launched)
+        self._unreduced, self._reduced = False, True
+
+    def zero(self, set_to_none: bool = True) -> None:
+        super().zero(set_to_none)
+        self._reduced = False
+
+    def pooled_bytes(self) -> int:
+        """Bytes of the reduce-scatter buffers kept for the next step."""
+        return self._scratch.idle_bytes()
 
 
 class ShardedGrads(_GradStore):

@@ -8,7 +8,8 @@ plan, so the formula and the engine cannot disagree about what is sharded.
 - stage 0 shards nothing; every micro-step, bucketed all-reduces run in backward; the
   parameters are never gathered;
 - stage 1 shards the optimizer state and the fp32 master weights; the accumulated full
-  gradients are reduce-scattered once per step; the updated shards are gathered after it;
+  gradients are reduce-scattered once per step, bucket by bucket in the backward of the
+  accumulation boundary (overlapped with it); the updated shards are gathered after it;
 - stage 2 also shards the gradients: every micro-step, bucketed reduce-scatters run in
   backward, each full gradient freed once sent; gathered after the step, as stage 1;
 - stage 3 also shards the parameters: reductions as stage 2 (polled, never blocked on); each

@@ -100,18 +100,47 @@ def test_each_micro_step_counts_once_with_or_without_no_sync(world_size):
         assert row["weights"] <= 2e-5, row
 
 
-def _bare_second_backward_worker(rank, world_size):
-    engine = _engine(0)
+def _bare_second_backward_worker(rank, world_size, stage):
+    engine = _engine(stage)
     _loss(engine, rank, world_size).backward()  # the first synchronised backward is fine
     return _raises(lambda: _loss(engine, rank, world_size, micro=1).backward())
 
 
-def test_stage0_second_bare_backward_before_step_is_refused():
-    for message in run_distributed(_bare_second_backward_worker, 2, timeout=300):
-        assert message.startswith("RuntimeError: hf_zero stage 0: a second backward before "), (
-            message
-        )
+@pytest.mark.parametrize("stage", [0, 1])
+def test_second_bare_backward_before_step_is_refused(stage):
+    # Stages 0-1 reduce in the synchronised backward into the buffers .grad are views of.
+    for message in run_distributed(_bare_second_backward_worker, 2, stage, timeout=300):
+        assert message.startswith(
+            f"RuntimeError: hf_zero stage {stage}: a second backward before "
+        ), message
         assert "Call engine.backward(loss)" in message and "engine.no_sync()" in message
+
+
+def _stage1_sends_in_backward_worker(rank, world_size):
+    engine = _engine(1, bucket_size=2_000)  # a few buckets: blocks first, the embeddings last
+    sent, early = [], []
+
+    # The gradient of the embedding output arrives after every block's backward and before the
+    # embeddings' own gradients: the blocks' buckets must be on the wire by then.
+    def watch(module, args, out):
+        out.register_hook(lambda g: early.append(engine.comm_stats().get("reduce_scatter", 0)))
+
+    engine.module.transformer.wte.register_forward_hook(watch)
+    for micro in range(3):
+        ctx = engine.no_sync() if micro < 2 else contextlib.nullcontext()
+        with ctx:
+            engine.backward(_loss(engine, rank, world_size, micro=micro))
+        sent.append(engine.comm_stats().get("reduce_scatter", 0))
+    engine.step()  # nothing left to reduce at the step
+    sent.append(engine.comm_stats().get("reduce_scatter", 0))
+    return sent, early, engine.num_parameters()
+
+
+def test_stage1_reduce_scatters_once_per_step_overlapped_with_the_last_backward():
+    for sent, early, numel in run_distributed(_stage1_sends_in_backward_worker, 2, timeout=300):
+        assert sent[0] == sent[1] == 0, sent  # no_sync: nothing on the wire
+        assert sent[2] >= 4 * numel and sent[3] == sent[2], sent  # every gradient, once
+        assert early[:2] == [0, 0] and 0 < early[2] < sent[2], (early, sent)  # in backward
 
 
 # ---- 6, 7, 8, 9, 15: the loop's other mistakes, every stage --------------------------------------
