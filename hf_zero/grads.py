@@ -223,38 +223,78 @@ class _FullGrads(_GradStore):
         return list(self.flats.values())
 
 
-class AllReducedGrads(_FullGrads):
-    """Stage 0: every bucket is all-reduced from the gradient hooks as soon as it is ready."""
+class _BoundaryReducedGrads(_FullGrads):
+    """Stages 0-1: a synchronised backward reduces each bucket from the gradient hooks as soon
+    as it is ready, in one fixed order (`BucketScheduler`), while backward goes on; under
+    `no_sync()` nothing is sent and the buffers accumulate locally.
 
-    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
+    After a reduction the buffers hold a reduced sum (`_reduced`). A further backward before the
+    step (a second synchronised one, or one under no_sync after it) would count that sum again:
+    through `engine.backward` the subclass first undoes it (`_unreduce`), so every micro-step is
+    counted once, as DDP counts it (only this unusual path pays); a raw `loss.backward()` there
+    is refused, since by its first hook gradients have already been added."""
+
+    stage: int
+    refusal: str  # why a raw second backward is refused, and what engine.backward does
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], *, max_inflight, **kw):
         super().__init__(layout, params, **kw)
-        self._holds_sum = False  # the buffers hold a sum over ranks, reduced since zero()
-        self.scheduler = self._scheduler(None, True)
+        self._reduced = False  # the buffers hold a reduction since zero()
+        self.scheduler = self._scheduler(max_inflight, True)
+
+    def _unreduce(self) -> None:
+        raise NotImplementedError
 
     def before_backward(self) -> None:
-        # A backward onto an already-reduced sum (a second synchronised backward before the
-        # step, or one under no_sync after it): the next reduction would count that sum
-        # world_size times. Make it this rank's 1/N share of it first; DDP, which averages every
-        # reduction, counts each micro-step once too. Only this unusual path pays the pass.
-        if self._holds_sum:
-            if self.group.world_size > 1:
-                for flat in self.flats.values():
-                    flat.div_(self.group.world_size)
-            self._holds_sum = False
+        if self._reduced:
+            self._unreduce()
+            self._reduced = False
             self._unreduced = True
 
     def _on_grad(self, p: nn.Parameter) -> None:
-        if self._holds_sum:
+        self.tracker.enter()  # the engine's own refusals (no zero_grad after step()) come first
+        if self._reduced:
             raise RuntimeError(
-                "hf_zero stage 0: a second backward before step() went through "
-                "loss.backward(); its gradients would add to the already all-reduced sum of "
-                "the first and count it world_size times. Call engine.backward(loss) (which "
-                "rescales that sum first), run the micro-steps before the last one under "
-                "engine.no_sync(), or call engine.step() in between"
+                f"hf_zero stage {self.stage}: a second backward before step() went through "
+                f"loss.backward(); {self.refusal}), run the micro-steps before the last one "
+                "under engine.no_sync(), or call engine.step() in between"
             )
         super()._on_grad(p)
         if self.sync:
             self.scheduler.mark_ready(self._flat_of[p])
+
+    def end_backward(self) -> None:
+        self._relink_all()
+        if self.sync:
+            self.scheduler.flush()
+            self._unreduced, self._reduced = False, True
+        else:
+            self.scheduler.reset()
+            self._unreduced = True
+
+    def zero(self, set_to_none: bool = True) -> None:
+        super().zero(set_to_none)
+        self._reduced = False
+
+
+class AllReducedGrads(_BoundaryReducedGrads):
+    """Stage 0: every bucket is all-reduced from the gradient hooks as soon as it is ready."""
+
+    stage = 0
+    refusal = (
+        "its gradients would add to the already all-reduced sum of the first and count it "
+        "world_size times. Call engine.backward(loss) (which rescales that sum first"
+    )
+
+    def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
+        super().__init__(layout, params, max_inflight=None, **kw)
+
+    def _unreduce(self) -> None:
+        # Every rank holds the sum: make it this rank's 1/N share, which DDP's average of
+        # every reduction also counts once.
+        if self.group.world_size > 1:
+            for flat in self.flats.values():
+                flat.div_(self.group.world_size)
 
     def _launch(self, index: int) -> comm.Pending:
         if self.sparse is not None and self.sparse.handles(index):
@@ -275,25 +315,12 @@ class AllReducedGrads(_FullGrads):
     def _finish(self, index: int, launched: comm.Pending) -> None:
         launched.wait()
 
-    def end_backward(self) -> None:
-        self._relink_all()
-        if self.sync:
-            self.scheduler.flush()
-            self._unreduced, self._holds_sum = False, True
-        else:
-            self.scheduler.reset()
-            self._unreduced = True
-
     def reduce_for_step(self) -> None:
         """At the accumulation boundary: all-reduce what was accumulated under no_sync."""
         if self._unreduced:
             for i, launched in [(i, self._launch(i)) for i in self.flats]:
                 self._finish(i, launched)
-        self._unreduced, self._holds_sum = False, False
-
-    def zero(self, set_to_none: bool = True) -> None:
-        super().zero(set_to_none)
-        self._holds_sum = False
+        self._unreduced, self._reduced = False, False
 
 
 class _Reduction:
@@ -308,7 +335,7 @@ class _Reduction:
         return self.handle.is_completed()
 
 
-class StepReducedGrads(_FullGrads):
+class StepReducedGrads(_BoundaryReducedGrads):
     """Stage 1: each bucket is reduce-scattered once per optimizer step, in the backward of the
     accumulation boundary.
 
@@ -327,36 +354,27 @@ class StepReducedGrads(_FullGrads):
     the same buffers serve every step, so the step faults no fresh pages. Two buckets are in
     flight at once, so at most two buffers of a size exist."""
 
+    stage = 1
+    refusal = (
+        "its gradients would add to buffers already reduce-scattered by the first and count "
+        "it twice. Call engine.backward(loss) (which prepares the buffers first"
+    )
+
     def __init__(self, layout: Layout, params: dict[str, nn.Parameter], **kw):
-        super().__init__(layout, params, **kw)
+        # max_inflight=1 blocks a launch on the one before it, so at most two are in flight.
+        super().__init__(layout, params, max_inflight=1, **kw)
         self._scratch = GatherPool(capacity=2)
         self._units = {fu.index: fu for fu in _trainable(layout)}
-        self._reduced = False  # owned slices hold the sum over ranks since zero()
-        # max_inflight=1 blocks a launch on the one before it, so at most two are in flight.
-        self.scheduler = self._scheduler(1, True)
 
-    def before_backward(self) -> None:
-        if self._reduced:
-            for fu in self._units.values():
-                lo, hi = self._owned(fu)
-                flat = self.flats[fu.index]
-                flat[:lo].zero_()
-                flat[hi:].zero_()
-            self._reduced = False
-            self._unreduced = True
-
-    def _on_grad(self, p: nn.Parameter) -> None:
-        if self._reduced:
-            raise RuntimeError(
-                "hf_zero stage 1: a second backward before step() went through "
-                "loss.backward(); its gradients would add to buffers already reduce-scattered "
-                "by the first and count it twice. Call engine.backward(loss) (which prepares "
-                "the buffers first), run the micro-steps before the last one under "
-                "engine.no_sync(), or call engine.step() in between"
-            )
-        super()._on_grad(p)
-        if self.sync:
-            self.scheduler.mark_ready(self._flat_of[p])
+    def _unreduce(self) -> None:
+        # The owned slice holds the sum over ranks, the rest this rank's gradients already in
+        # that sum (the other ranks' owned slices): zero the rest, so the next reduction adds
+        # the sum once.
+        for fu in self._units.values():
+            lo, hi = self._owned(fu)
+            flat = self.flats[fu.index]
+            flat[:lo].zero_()
+            flat[hi:].zero_()
 
     def _launch(self, index: int) -> _Reduction:
         fu, flat = self._units[index], self.flats[index]
@@ -386,15 +404,6 @@ class StepReducedGrads(_FullGrads):
         if launched.scratch is not None:
             self._scratch.give(launched.scratch)
 
-    def end_backward(self) -> None:
-        self._relink_all()
-        if self.sync:
-            self.scheduler.flush()
-            self._unreduced, self._reduced = False, True
-        else:
-            self.scheduler.reset()
-            self._unreduced = True
-
     def reduce_for_step(self) -> None:
         """At the accumulation boundary: reduce what no synchronised backward reduced."""
         if not self._unreduced:
@@ -407,10 +416,6 @@ class StepReducedGrads(_FullGrads):
         for index, launched in inflight:
             self._finish(index, launched)
         self._unreduced, self._reduced = False, True
-
-    def zero(self, set_to_none: bool = True) -> None:
-        super().zero(set_to_none)
-        self._reduced = False
 
     def pooled_bytes(self) -> int:
         """Bytes of the reduce-scatter buffers kept for the next step."""
