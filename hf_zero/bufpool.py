@@ -17,6 +17,14 @@ Invariants:
     once (the gathered unit, the prefetched next one, and one waiting for release), so the pool
     holds what the peak held anyway and never adds to the peak. A block released beyond that is
     freed.
+  - Within a backward pass, the pool knows how many more blocks of each size the pass will ask
+    for (`begin_pass`: the gathers of its sequence and the gradient buckets packed into them).
+    Once the last one is taken, the idle blocks of that size are freed, and so is every block
+    of it released later in the pass: they would only wait for the next forward, through the
+    end of backward, where memory peaks (the embedding's gradient). The pass ends when it has
+    taken all it asked for (the last unit's gradient bucket) or when backward ends: what is
+    given back from then on is kept. The next forward faults in the two blocks it gathers
+    first (the first unit and its prefetched successor); later gathers reuse.
   - Idle blocks are memory this rank holds; `idle_bytes()` says how much, and the engine
     reports it beside the model states (`memory_stats()["pooled_buffer_bytes"]`).
 
@@ -44,6 +52,20 @@ class GatherPool:
         self.capacity = capacity
         self._idle: dict[tuple[torch.device, int], list[torch.UntypedStorage]] = {}
         self.allocated = 0  # blocks created since start: the pool's misses
+        # In a backward pass: blocks of each size still to be asked for (see `begin_pass`).
+        self._demand: dict[int, int] | None = None
+
+    def begin_pass(self, demand: dict[int, int]) -> None:
+        """A backward pass starts that will acquire `demand[nbytes]` blocks of each size
+        (an estimate: more are served as usual, fewer leave blocks idle as outside a pass)."""
+        self._demand = dict(demand)
+
+    def end_pass(self) -> None:
+        """The pass is over: released blocks are kept again, up to `capacity` per size."""
+        self._demand = None
+
+    def _needed(self, nbytes: int) -> bool:
+        return self._demand is None or self._demand.get(nbytes, 0) > 0
 
     def acquire(self, storage: torch.UntypedStorage, nbytes: int) -> None:
         """Give the empty `storage` `nbytes` of memory: an idle block of that size, or a new one.
@@ -53,13 +75,20 @@ class GatherPool:
             storage.resize_(nbytes)
             self.allocated += 1
             return
-        idle = self._idle.get((storage.device, nbytes))
+        key = (storage.device, nbytes)
+        idle = self._idle.get(key)
         if idle:
             block = idle.pop()
         else:
             block = torch.UntypedStorage(nbytes, device=storage.device)
             self.allocated += 1
         storage._swap_data_ptr_(block)  # `block` is now the empty shell
+        if self._demand is not None and nbytes in self._demand:
+            self._demand[nbytes] -= 1
+            if not self._needed(nbytes):
+                self._idle.pop(key, None)  # nothing of this size is asked for again this pass
+            if not any(n > 0 for n in self._demand.values()):
+                self.end_pass()  # it took all it asked for: what it gives back now is kept
 
     def release(self, storage: torch.UntypedStorage) -> None:
         """Take the memory out of `storage` (left 0 bytes) and keep it for the next acquire."""
@@ -72,7 +101,7 @@ class GatherPool:
         block = torch.UntypedStorage(0, device=storage.device)
         block._swap_data_ptr_(storage)
         idle = self._idle.setdefault((block.device, nbytes), [])
-        if len(idle) < self.capacity:
+        if len(idle) < self.capacity and self._needed(nbytes):
             idle.append(block)
         # else: `block` goes out of scope here and its memory is freed
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .waiter import Waited
+
 # torch 2.13 names the tensor collectives reduce_scatter_single and all_gather_single and
 # deprecates the old names, the only ones torch before 2.13 has. hf_zero needs 2.13 (CI runs it);
 # the fallback lets the CUDA tests run on GPU images that ship an older torch.
@@ -357,7 +359,7 @@ def reduce_scatter(
 
     `polled=True`: the caller retires the reduction when `is_completed()` says so rather than
     by waiting. gloo's point-to-point works report completion only once waited on, so on gloo
-    this runs an all-reduce and keeps the owned slice instead (no scratch taken).
+    a background thread waits on them (`waiter.Waited`); the bytes and the scratch are the same.
 
     `quantize=block_size`: lossy, int8 on the wire (`_reduce_scatter_int8`); no scratch taken,
     pollable on every backend.
@@ -393,13 +395,6 @@ def reduce_scatter(
             lambda: _reduce_scatter_single(dst, input, group=group.group, async_op=True),
         )
         return _finish(work, label, group, async_op, (lambda: own.copy_(dst)) if in_place else None)
-    if polled:
-        stats.add("reduce_scatter", _nbytes(input), "all_reduce+slice")
-        stats.hand("reduce_scatter", _nbytes(input))
-        work = _issue(
-            label, group, lambda: dist.all_reduce(input, group=group.group, async_op=True)
-        )
-        return _finish(work, label, group, async_op, take_slice)
     n, size, rank = output.numel(), group.world_size, group.rank
     # A separate `output` receives the first slice itself; the rest land in `scratch`.
     want = reduce_scatter_scratch_numel(group, n, in_place=in_place)
@@ -453,7 +448,8 @@ def reduce_scatter(
             for chunk in received[1:]:
                 output.add_(chunk)
 
-    return _finish(_Works(works), label, group, async_op, add_received)
+    works = Waited(works) if polled else _Works(works)
+    return _finish(works, label, group, async_op, add_received)
 
 
 def reduce_scatter_scratch_numel(
@@ -461,13 +457,12 @@ def reduce_scatter_scratch_numel(
     output_numel: int,
     *,
     in_place: bool,
-    polled: bool = False,
     quantize: int | None = None,
 ) -> int:
     """How many elements of `scratch` a reduce-scatter into `output_numel` elements takes on
     this group (0: none): on gloo, one slice per other rank, less the one a separate output
     receives."""
-    if group.group is None or group.backend == "nccl" or polled or quantize is not None:
+    if group.group is None or group.backend == "nccl" or quantize is not None:
         return 0
     return max(0, group.world_size - (1 if in_place else 2)) * output_numel
 

@@ -521,7 +521,7 @@ class ShardedGrads(_GradStore):
         else:
             out = self.shards[index] = packed.new_empty(hi - lo)
         n = comm.reduce_scatter_scratch_numel(
-            self.group, out.numel(), in_place=not fresh, polled=self.poll, quantize=self.quantize
+            self.group, out.numel(), in_place=not fresh, quantize=self.quantize
         )
         scratch = self._scratch.take(n, self.dtype, self._devices[index]) if n else None
         handle = comm.reduce_scatter(
@@ -592,6 +592,10 @@ class ShardedGrads(_GradStore):
                 self._scratch.give(scratch)
 
     def end_backward(self) -> None:
+        if self._shared_buffers:
+            # Past the end of backward's peak: what the flush gives back is kept for the next
+            # forward's gathers (bufpool).
+            self._buffers.end_pass()
         self.scheduler.flush()
         self._pass_open = False
         if not self._shared_buffers:

@@ -284,6 +284,7 @@ class ShardedParams:
         def hook(grad):
             if not self._sequence.in_backward:
                 self._on_backward_start()
+                self.pool.begin_pass(self._backward_demand())
             for u in self._sequence.backward_request(unit):
                 self.gather(u, async_op=True, phase="backward")
             if self._sequence.walked(unit) and self.state[unit] is UnitState.SHARDED:
@@ -291,6 +292,18 @@ class ShardedParams:
             self.gather(unit, phase="backward")
 
         return hook
+
+    def _backward_demand(self) -> dict[int, int]:
+        """Blocks of each size the coming backward takes from the pool: a gather per flat unit
+        of its sequence, and a gradient bucket per trainable one (packed into the block its
+        parameters gave back)."""
+        demand: dict[int, int] = {}
+        for unit in self._sequence.sequence():
+            for i in self.unit_flats[unit]:
+                nbytes = self.fulls[i].numel() * self.fulls[i].element_size()
+                takes = 2 if self.layout.flat_units[i].trainable else 1
+                demand[nbytes] = demand.get(nbytes, 0) + takes
+        return demand
 
     def on_unit_grads_done(self, unit: str) -> None:
         """Every trainable parameter of `unit` has its gradient for this backward."""

@@ -142,7 +142,8 @@ def test_reduce_scatter_and_all_gather_are_exact(world_size):
         for k, got in enumerate(r["rs_many"]):
             assert torch.equal(got, want * (k + 1)), (rank, k, got, want)
         assert r["rs_polled_completed"] and torch.equal(r["rs_polled"], want), r["rs_polled"]
-        assert r["rs_polled_path"] == ("local" if local else "all_reduce+slice")
+        # gloo's point-to-point path too (half an all-reduce's bytes), waited on by a thread
+        assert r["rs_polled_path"] == ("local" if local else "send/recv of each rank's slice")
         assert torch.equal(r["ag_separate"], concat), (rank, r["ag_separate"])
         assert torch.equal(r["ag_in_place"], concat), (rank, r["ag_in_place"])
         # The ZeRO paper's accounting: the full buffer of each collective, 4 bytes an element.
@@ -277,3 +278,34 @@ def test_init_process_group_joins_the_launchers_world_from_the_environment():
             "it is"
         )
         assert out["sum"] == 3.0
+
+
+def test_waited_works_complete_and_raise_on_the_callers_thread():
+    """waiter.Waited: completion seen without a wait(); a failure re-raised by wait()."""
+    import threading
+
+    from hf_zero.waiter import Waited
+
+    class Work:
+        def __init__(self, gate, error=None):
+            self.gate, self.error, self.waited_on = gate, error, None
+
+        def wait(self):
+            self.gate.wait(timeout=60)
+            self.waited_on = threading.current_thread().name
+            if self.error is not None:
+                raise self.error
+
+    gate = threading.Event()
+    ok = Waited([Work(gate), Work(gate)])
+    bad = Waited([Work(gate, RuntimeError("peer gone"))])
+    assert not ok.is_completed() and not bad.is_completed()
+    gate.set()
+    deadline = time.monotonic() + 60
+    while not (ok.is_completed() and bad.is_completed()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert ok.is_completed() and bad.is_completed()
+    ok.wait()
+    assert {w.waited_on for w in ok.works} == {"hf_zero-waiter"}
+    with pytest.raises(RuntimeError, match="peer gone"):
+        bad.wait()

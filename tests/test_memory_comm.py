@@ -59,11 +59,11 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
         # zero_grad (which may free the gradient shards at stages 2-3).
         for step in range(2):
             engine.zero_grad()
-            before = engine.comm_stats()
+            before, sent_before = engine.comm_stats(), engine.wire_stats()["sent_bytes"]
             loss = engine(**rank_slice(global_batch("gpt2", step, 0, world_size), rank)).loss
             engine.backward(loss)
             engine.step()
-        after = engine.comm_stats()
+        after, sent_after = engine.comm_stats(), engine.wire_stats()["sent_bytes"]
         memory = engine.memory_stats()
         engine.zero_grad(set_to_none=False)
         kept = engine.memory_stats()["grad_bytes"]
@@ -87,6 +87,8 @@ def _measure_worker(rank: int, world_size: int) -> list[dict]:
                 "grad_bytes_set_to_none": freed,
                 "moved": moved,
                 "paths": dict(engine._stats.paths),
+                "sent_reduce": sent_after.get("reduce_scatter", 0)
+                - sent_before.get("reduce_scatter", 0),
             }
         )
     return rows
@@ -131,11 +133,12 @@ def test_memory_and_communication_match_formula(world_size):
                     "all_gather": 2 * padded_bytes,
                     "all_reduce": small,
                 }, r
-            # Which reduce-scatter ran on gloo: point to point where the engine waits on each
-            # bucket (stages 1-2); an all-reduce where it polls (stage 3, comm.py).
+            # Which reduce-scatter ran on gloo: point to point at every stage, stage 3's polled
+            # reductions included (waiter.py), so each rank sends half an all-reduce's bytes.
             if stage >= 1 and n > 1:
-                want_path = "all_reduce+slice" if stage == 3 else "send/recv of each rank's slice"
-                assert r["paths"]["reduce_scatter"] == want_path, r
+                assert r["paths"]["reduce_scatter"] == "send/recv of each rank's slice", r
+                # What really left this rank for the gradients: every other rank's slice.
+                assert r["sent_reduce"] == padded_bytes * (n - 1) // n, r
             volume = sum(moved.values()) - small
             elements = volume / low
             expected = (3 if stage == 3 else 2) * r["numel"]
