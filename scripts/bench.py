@@ -463,6 +463,12 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="bench_results")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds per engine run")
     p.add_argument("--keep-work", action="store_true", help="keep logs and checkpoints")
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="run nothing: judge the targets again and rewrite results.md and the plots beside "
+        "an earlier run's results.json (after a change to what the report shows)",
+    )
     args = p.parse_args(argv)
     q = args.quick
     args.model = args.model or ("tiny" if q else "gpt2")
@@ -524,8 +530,32 @@ def parse_args(argv=None):
     return args
 
 
+def write_report(report: dict, out_dir: Path) -> str:
+    """Judge the targets, then write results.json, results.md and the plots; the markdown."""
+    results, acc = report["main"], report["accumulation"]
+    report["targets"] = targets(results, report["consolidation"], report["model_sweep"])
+    report["targets"] += accum_targets(acc["results"], acc["micro_steps"])
+    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    try:
+        made = plots(report, out_dir)
+        md += "\nPlots: " + ", ".join(made) + "\n"
+    except ImportError:
+        md += "\nPlots not drawn: matplotlib is not installed (pip install '.[bench]').\n"
+    (out_dir / "results.md").write_text(md)
+    return md
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        if not path.is_file():
+            raise SystemExit(f"--render: {path} is not a file (a results.json of an earlier run)")
+        md = write_report(json.loads(path.read_text()), path.parent)
+        print(md)
+        progress(f"rewrote {path.parent}/results.md from {path}")
+        return 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="hf_zero_bench-", dir=out_dir if args.keep_work else None))
@@ -629,17 +659,8 @@ def main(argv=None) -> int:
         "problems": problems,
         "total_s": None,
     }
-    report["targets"] = targets(main_results, consolidation, model_sweep)
-    report["targets"] += accum_targets(accum_results, args.accum_steps)
     report["total_s"] = time.perf_counter() - started
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1))
-    md = markdown(report)
-    try:
-        made = plots(report, out_dir)
-        md += "\nPlots: " + ", ".join(made) + "\n"
-    except ImportError:
-        md += "\nPlots not drawn: matplotlib is not installed (pip install '.[bench]').\n"
-    (out_dir / "results.md").write_text(md)
+    md = write_report(report, out_dir)
     print(md)
     progress(f"wrote {out_dir}/results.json, results.md ({report['total_s']:.0f} s in all)")
     if not args.keep_work:

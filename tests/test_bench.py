@@ -168,6 +168,38 @@ def test_outputs_are_written(report):
     assert "--quick" in report["command"] and report["machine"]["cpus"] >= 1
 
 
+def test_render_rewrites_the_report_from_results_json(report, tmp_path):
+    """`--render`: the same figures, the targets judged again, nothing run."""
+    out = report["_out"]
+    saved = json.loads((out / "results.json").read_text())
+    saved["targets"] = []  # as if judged by an older report
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench.py"),
+            "--render",
+            str(tmp_path / "results.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["targets"] == report["targets"] and again["main"] == report["main"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.split("\nPlots:")[0] == (out / "results.md").read_text().split("\nPlots:")[0]
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--render", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert missing.returncode == 1 and "is not a file" in missing.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
