@@ -55,6 +55,18 @@ class ZeroConfig:
     prefetch: bool = True
     """Stage 3: start the all-gather of the next unit while the current one computes."""
 
+    overlap_param_gather: bool = False
+    """Stages 1-2, opt-in: `step()` starts the all-gather of the updated parameters and returns;
+    the next forward waits for each unit's parameters in the unit's forward pre-hook (the root
+    unit's at the start of the model's forward), so the gathers of later units run while
+    earlier ones compute, as stage 3's prefetch does. Until then the parameters of a unit whose
+    gather has not landed hold the previous step's values. The engine's own readers wait first
+    (`state_dict()` of any module of the model, checkpoints, `export`, `full_state_dict`, the
+    next `step()` and `backward()`); code that reads parameters between `step()` and the next
+    forward some other way (an EMA of `param.data`, a weight logger) calls
+    `engine.wait_for_params()` first. False (default): `step()` returns with every parameter
+    updated."""
+
     max_inflight_reductions: int = 2
     """Stages 2-3: how many gradient buckets may be in flight before the oldest is waited for.
     Bounds the transient full-gradient memory while keeping communication overlapped. At stage 3
@@ -175,6 +187,20 @@ class ZeroConfig:
             )
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"prefetch must be true or false, got {self.prefetch!r}")
+        if not isinstance(self.overlap_param_gather, bool):
+            raise ValueError(
+                f"overlap_param_gather must be true or false, got {self.overlap_param_gather!r}"
+            )
+        if self.overlap_param_gather and self.stage not in (1, 2):
+            raise ValueError(
+                f"overlap_param_gather applies to stages 1 and 2, got stage={self.stage}: "
+                + (
+                    "stage 0 gathers nothing after the step"
+                    if self.stage == 0
+                    else "stage 3 gathers each unit before its forward already (prefetch)"
+                )
+                + "; leave it false"
+            )
         if not isinstance(self.sparse_embedding_grads, bool):
             raise ValueError(
                 f"sparse_embedding_grads must be true or false, got {self.sparse_embedding_grads!r}"

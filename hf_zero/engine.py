@@ -172,6 +172,8 @@ class ZeroEngine(nn.Module):
                 dtype=self._compute_dtype,
                 owned=owned,
                 gather_after_step=plan.gather_after_step,
+                unit_modules=found.unit_modules,
+                defer_gather=plan.defer_param_gather,
                 **common,
             )
         self._sharded_optimizer = ShardedOptimizer(
@@ -275,6 +277,7 @@ class ZeroEngine(nn.Module):
                 held): call `zero_grad()` after each step.
         """
         self._check_backward_allowed()
+        self.wait_for_params()
         self._grads.before_backward()
         passes = self._tracker.passes
         (loss * self._scaler.scale if self._scaler.dynamic else loss).backward()
@@ -350,6 +353,7 @@ class ZeroEngine(nn.Module):
                 `nonfinite_grads="raise"` (the default), or an fp16 loss scale that would fall
                 below `precision.MIN_LOSS_SCALE`; on every rank alike.
         """
+        self.wait_for_params()  # a unit the last forward skipped: its gather reads the master
         if not self._has_grads:
             self._end_step()
             self.step_was_skipped = True
@@ -382,7 +386,7 @@ class ZeroEngine(nn.Module):
                 opt.clip(self.grad_norm, self.config.gradient_clipping)
             with self._route.applying():
                 opt.step(self._untouched)
-            self._write_back(opt.trainable())
+            self._write_back(opt.trainable(), defer=self._plan.defer_param_gather)
             self.global_steps += 1
         self._end_step()
         self._needs_zero = True
@@ -403,13 +407,23 @@ class ZeroEngine(nn.Module):
         self._has_grads = False
 
     @torch.no_grad()
-    def _write_back(self, fus: list[FlatUnit]) -> None:
-        """Copy masters into the compute parameters they do not alias, and share them."""
+    def _write_back(self, fus: list[FlatUnit], *, defer: bool = False) -> None:
+        """Copy masters into the compute parameters they do not alias, and share them (`defer`:
+        the gathers land during the next forward, see `wait_for_params`)."""
         for fu in fus:
             master, local = self._sharded_optimizer.masters[fu.index], self._params_store.local(fu)
             if master.data_ptr() != local.data_ptr():
                 local.copy_(master)
-        self._params_store.publish(fus)
+        self._params_store.publish(fus, defer=defer)
+
+    def wait_for_params(self) -> None:
+        """Return once every parameter holds the last step's update. With
+        `config.overlap_param_gather` (stages 1-2), `step()` leaves the all-gather of the updated
+        parameters in flight and the next forward waits for each unit's; code that reads
+        parameters before that forward outside the engine and `state_dict()` (an EMA of
+        `param.data`, a weight logger) calls this first. Otherwise a no-op. Not collective: the
+        gathers were started on every rank by `step()`."""
+        self._params_store.wait_published()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients this rank holds. At stages 2-3, `set_to_none=True` (torch's
@@ -472,6 +486,7 @@ class ZeroEngine(nn.Module):
 
     def _checkpoint_state(self) -> RankState:
         """What a checkpoint reads from and restores into this rank."""
+        self.wait_for_params()
         return RankState(
             layout=self._layout,
             rank=self.rank,
@@ -507,6 +522,7 @@ class ZeroEngine(nn.Module):
         """The full model state dict (parameters from the fp32 masters, cast to `dtype` if given,
         tied names sharing one tensor, plus buffers), on rank 0; {} on other ranks unless
         `all_ranks`. Collective: every rank must call it."""
+        self.wait_for_params()
         return gather_full_state_dict(
             self._layout,
             self._sharded_optimizer.masters,

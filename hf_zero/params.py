@@ -7,7 +7,10 @@ writes the result back through `local()` / `publish()`.
 
 `ReplicatedParams` (stages 0-2): every rank holds every flat buffer in full.
   After the optimizer step (sharded optimizer, stages 1-2), phase 1: each rank's updated slice
-  is all-gathered into the full buffer.
+  is all-gathered into the full buffer. Deferred (`ZeroConfig.overlap_param_gather`), the
+  gathers stay in flight: a forward pre-hook on each unit's module waits for the flat units
+  holding that unit's parameters (the model's own for the root unit, whose parameters any
+  module may use), and a state-dict pre-hook on every module waits for all of them.
 
 `ShardedParams` (stage 3): each rank holds only its slice of each flat buffer (`shard`). The full
 buffer keeps its shape but its storage is resized to 0 bytes while SHARDED; the parameters stay
@@ -73,7 +76,11 @@ class ReplicatedParams:
         gather_after_step: bool,
         group: comm.ProcessGroupInfo,
         stats: comm.CommStats,
+        unit_modules: dict[str, nn.Module] | None = None,
+        defer_gather: bool = False,
     ):
+        """`defer_gather` (stages 1-2, `StagePlan.defer_param_gather`): `publish(defer=True)`
+        leaves the gathers in flight for the hooks on `unit_modules` to wait on."""
         self.layout, self.params, self.dtype, self.group, self.stats = (
             layout,
             params,
@@ -84,6 +91,22 @@ class ReplicatedParams:
         self._owned = owned
         self.gather_after_step = gather_after_step
         self.flats: list[torch.Tensor] = []
+        self._deferred: dict[int, comm.Pending] = {}  # flat index -> its gather in flight
+        self._hooks = []
+        if defer_gather:
+            flats_of: dict[str, list[int]] = {}
+            for fu in layout.flat_units:
+                for unit in fu.units:
+                    flats_of.setdefault(unit, []).append(fu.index)
+            for unit, module in unit_modules.items():
+                if unit in flats_of:
+                    self._hooks.append(
+                        module.register_forward_pre_hook(self._make_wait(flats_of[unit]))
+                    )
+            wait_all = lambda *_: self.wait_published()  # noqa: E731
+            for module in unit_modules[ROOT_UNIT].modules():
+                self._hooks.append(module.register_state_dict_pre_hook(wait_all))
+                self._hooks.append(module.register_load_state_dict_pre_hook(wait_all))
 
     def adopt(self, fu: FlatUnit, full32: torch.Tensor) -> None:
         """Take over flat unit `fu` from its fp32 values (kept as the buffer itself in fp32)."""
@@ -96,27 +119,41 @@ class ReplicatedParams:
         lo, hi = self._owned(fu)
         return self.flats[fu.index][lo:hi]
 
-    def publish(self, fus: list[FlatUnit]) -> None:
+    def publish(self, fus: list[FlatUnit], *, defer: bool = False) -> None:
         """After the optimizer step: all-gather every rank's updated slice into the full buffer
-        (`gather_after_step`: the optimizer is sharded; else every rank updated all of it)."""
+        (`gather_after_step`: the optimizer is sharded; else every rank updated all of it).
+        `defer`: return with the gathers in flight (launched in layout order, the root's
+        first); the hooks, or `wait_published()`, wait for them."""
         if not self.gather_after_step:
             return
-        pending = []
+        self.wait_published()
         for fu in fus:
             lo, hi = self._owned(fu)
             flat = self.flats[fu.index]
-            pending.append(
-                comm.all_gather(
-                    flat,
-                    flat[lo:hi],
-                    group=self.group,
-                    stats=self.stats,
-                    async_op=True,
-                    label="all-gather of the updated parameters after the optimizer step",
-                )
+            self._deferred[fu.index] = comm.all_gather(
+                flat,
+                flat[lo:hi],
+                group=self.group,
+                stats=self.stats,
+                async_op=True,
+                label="all-gather of the updated parameters after the optimizer step",
             )
-        for p in pending:
-            p.wait()
+        if not defer:
+            self.wait_published()
+
+    def wait_published(self) -> None:
+        """Wait for every gather `publish(defer=True)` left in flight, in launch order."""
+        while self._deferred:
+            self._deferred.pop(next(iter(self._deferred))).wait()
+
+    def _make_wait(self, indices: list[int]):
+        def hook(module, args):
+            for i in indices:
+                pending = self._deferred.pop(i, None)
+                if pending is not None:
+                    pending.wait()
+
+        return hook
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self.flats)
@@ -188,8 +225,11 @@ class ShardedParams:
     def local(self, fu: FlatUnit) -> torch.Tensor:
         return self.shards[fu.index]
 
-    def publish(self, fus: list[FlatUnit]) -> None:
+    def publish(self, fus: list[FlatUnit], *, defer: bool = False) -> None:
         """Nothing to send: the next forward gathers the updated shards."""
+
+    def wait_published(self) -> None:
+        """Nothing in flight after a step: see `publish`."""
 
     def held_tensors(self) -> list[torch.Tensor]:
         return self.shards + [f for f in self.fulls if f.untyped_storage().nbytes() > 0]

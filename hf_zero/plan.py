@@ -71,6 +71,9 @@ class StagePlan:
     """Whether a rank's gradient shard stays allocated from one step to the next."""
     prefetch: bool = False
     """Whether the next unit's gather starts while the current unit computes."""
+    defer_param_gather: bool = False
+    """Whether the after-step gather is left in flight for the next forward to wait on, unit by
+    unit (`ZeroConfig.overlap_param_gather`)."""
 
     @classmethod
     def for_stage(
@@ -80,6 +83,7 @@ class StagePlan:
         bucket_size: int = 2**23,
         keep_grad_shards: bool | None = None,
         prefetch: bool = True,
+        overlap_param_gather: bool = False,
     ) -> StagePlan:
         """The plan of `stage`. `keep_grad_shards=None` keeps them at stage 2 and frees them at
         stage 3 (the stage that exists to hold the least).
@@ -112,6 +116,7 @@ class StagePlan:
             bucket_size=None if shards_params else bucket_size,
             keep_grad_shards=shards_grads and keep_grad_shards,
             prefetch=shards_params and prefetch,
+            defer_param_gather=stage in (1, 2) and overlap_param_gather,
         )
 
     @classmethod
@@ -122,6 +127,7 @@ class StagePlan:
             bucket_size=config.bucket_size,
             keep_grad_shards=config.keep_grad_shards,
             prefetch=config.prefetch,
+            overlap_param_gather=config.overlap_param_gather,
         )
 
     @property

@@ -17,6 +17,8 @@ follows freed memory the same way for every engine. The engines, run one after a
     fsdp2             fully_shard per GPT2Block and the root, reshard_after_forward=True
     fsdp2_no_reshard  the same with reshard_after_forward=False
     hf_zero0..3       hf_zero.initialize(..., ZeroConfig(stage=k))
+    hf_zero1_overlap  stage 1 (2) with overlap_param_gather: the after-step all-gather lands
+    hf_zero2_overlap  during the next forward
     hf_zero2_bert     stage 2 on a BERT classifier shaped like all-MiniLM-L6-v2, dense gradients
     hf_zero2_sparse   the same with sparse embedding gradients (exact; the default)
     hf_zero3_q8       stage 3 with int8 parameter all-gather and gradient reduce-scatter (lossy)

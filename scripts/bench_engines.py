@@ -68,6 +68,23 @@ _ENGINES = [
         "hf_zero1", "setup_hf_zero", {"stage": 1}, stage=1, fused=True, peers=("zero_redundancy",)
     ),
     Engine("hf_zero2", "setup_hf_zero", {"stage": 2}, stage=2, fused=True, peers=("deepspeed2",)),
+    # The after-step parameter all-gather left to the next forward (opt-in), against the default.
+    Engine(
+        "hf_zero1_overlap",
+        "setup_hf_zero",
+        {"stage": 1, "config": {"overlap_param_gather": True}},
+        stage=1,
+        fused=True,
+        peers=("hf_zero1",),
+    ),
+    Engine(
+        "hf_zero2_overlap",
+        "setup_hf_zero",
+        {"stage": 2, "config": {"overlap_param_gather": True}},
+        stage=2,
+        fused=True,
+        peers=("hf_zero2",),
+    ),
     Engine(
         "hf_zero3",
         "setup_hf_zero",

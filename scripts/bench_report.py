@@ -110,6 +110,9 @@ STEP_TARGETS = (
     ("hf_zero1", "ddp_fused", 1.00),
     ("hf_zero2", "ddp_fused", 1.00),
     ("hf_zero3", "ddp_fused", 1.10),
+    # the same with the after-step all-gather left to the next forward (overlap_param_gather)
+    ("hf_zero1_overlap", "ddp_fused", 1.00),
+    ("hf_zero2_overlap", "ddp_fused", 1.00),
 )
 
 

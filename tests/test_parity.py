@@ -64,13 +64,20 @@ def _check(results: list[list[dict]]) -> None:
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_all_stages_match_single_process_adamw(world_size):
-    _check(run_distributed(_parity_worker, world_size, ["gpt2", "bert"], [0, 1, 2, 3], timeout=600))
+    stages = [0, 1, 2, 3, {"stage": 2, "overlap_param_gather": True}]
+    _check(run_distributed(_parity_worker, world_size, ["gpt2", "bert"], stages, timeout=600))
 
 
 def test_odd_world_size_matches_single_process_adamw():
     # 3 ranks: every flat unit gets padding, and shards split parameters at odd offsets.
-    # Stage 2 freeing its gradient shards and stage 3 keeping them: the non-default choices.
-    flipped = [{"stage": 2, "keep_grad_shards": False}, {"stage": 3, "keep_grad_shards": True}]
+    # Stage 2 freeing its gradient shards and stage 3 keeping them, stages 1-2 leaving the
+    # after-step gather to the next forward: the non-default choices.
+    flipped = [
+        {"stage": 2, "keep_grad_shards": False},
+        {"stage": 3, "keep_grad_shards": True},
+        {"stage": 1, "overlap_param_gather": True},
+        {"stage": 2, "overlap_param_gather": True},
+    ]
     _check(run_distributed(_parity_worker, 3, ["gpt2"], [1, 2, 3, *flipped], timeout=600))
 
 

@@ -37,6 +37,7 @@ PUBLIC = {
     "load_checkpoint",
     "export",
     "full_state_dict",
+    "wait_for_params",
     "memory_stats",
     "comm_stats",
     "wire_stats",
