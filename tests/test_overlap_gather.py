@@ -2,9 +2,8 @@
 
 Exact: the same losses, gradient norms and compute weights, bit for bit, as the default (the
 parity suite also runs it against single-process AdamW). Safe: every reader the engine knows
-waits for the gathers first. On gloo a gather in flight usually lands within milliseconds, so
-a missed wait would rarely show; here a test double starts each after-step gather only when it
-is waited on, so a parameter that nothing waited for is certainly stale.
+waits for the gathers first, checked with after-step gathers that start only when waited on
+(`tests/helpers/lazy_gather.py`), so a parameter that nothing waited for is certainly stale.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 import hf_zero
-from hf_zero import comm
 from scripts.harness.cases import (
     global_batch,
     make_model,
@@ -22,6 +20,7 @@ from scripts.harness.cases import (
     run_engine,
 )
 from scripts.harness.dist import run_distributed
+from tests.helpers.lazy_gather import lazy_after_step_gathers
 
 STEPS = 4
 
@@ -55,30 +54,6 @@ def test_overlap_is_bit_identical_to_the_default():
             assert r["losses"] and r["norms"] and r["weights"], r
 
 
-def _lazy_after_step_gathers(monkeypatch_target):
-    """Make the after-step all-gathers start only when waited on (see the module note)."""
-    real = comm.all_gather
-
-    class Lazy:
-        def __init__(self, start):
-            self._start, self._pending = start, None
-
-        def is_completed(self):
-            return False
-
-        def wait(self):
-            if self._pending is None:
-                self._pending = self._start()
-            self._pending.wait()
-
-    def all_gather(output, input, *, label="all-gather", async_op=False, **kw):
-        if "after the optimizer step" not in label or not async_op:
-            return real(output, input, label=label, async_op=async_op, **kw)
-        return Lazy(lambda: real(output, input, label=label, async_op=True, **kw))
-
-    monkeypatch_target.all_gather = all_gather
-
-
 def _weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -88,7 +63,11 @@ def _same(a, b):
 
 
 def _readers_worker(rank, world_size, stage, tmp):
-    _lazy_after_step_gathers(comm)
+    with lazy_after_step_gathers():
+        return _readers(rank, world_size, stage, tmp)
+
+
+def _readers(rank, world_size, stage, tmp):
     engines = []
     for overlap in (False, True):
         model = make_model("gpt2")

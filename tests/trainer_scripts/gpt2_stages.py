@@ -8,6 +8,7 @@ cosine schedule with warmup, weight decay, max_grad_norm, evaluation every 2 ste
     load_best_model_at_end and, when a Hub repo is given, push_to_hub with
     hub_strategy="every_save" and a final `push_to_hub()`;
   - stage 3 again without gradient checkpointing (it must change nothing);
+  - stage 2 again with overlap_param_gather (it must change nothing);
   - stage 2 in fp16 with a loss scale so large that the first steps overflow, max_grad_norm=0.
 After each full run: evaluate(), predict() and generate(synced_gpus=True) on the trained model,
 save_model() (or the push), and on rank 0 plain GPT2LMHeadModel.from_pretrained of the export.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.lazy_gather import lazy_after_step_gathers
 from tests.trainer_scripts.common import lm_data, logged, tiny_gpt2, trainer_args
 
 PROMPT = [[5, 8, 11, 14]]
@@ -148,9 +150,21 @@ def stages_worker(rank: int, world_size: int, root: str, hub_repo: str | None) -
     out["stage3-no-gc"] = {"loss": logged(plain), "grad_norm": logged(plain, "grad_norm")}
     # fp16: a loss scale of 2^19 overflows fp16 gradients until the scaler has backed off.
     cfg = Path(root) / "fp16.yaml"
+    overlap_cfg = Path(root) / "overlap.yaml"
     if rank == 0:
         cfg.write_text("stage: 2\ninitial_loss_scale: 524288.0\n")
+        overlap_cfg.write_text("stage: 2\noverlap_param_gather: true\n")
     plain.accelerator.wait_for_everyone()
+    # Stage 2 leaving its after-step all-gather to the next forward (evaluation included).
+    with lazy_after_step_gathers():  # a read that did not wait would see stale weights
+        overlap = run(
+            "stage2-overlap",
+            ZeroTrainer,
+            ZeroTrainingArguments,
+            **COMMON,
+            zero_config=str(overlap_cfg),
+        )
+        out["stage2-overlap"] = _summary(overlap)
     fp16 = run(
         "stage2-fp16",
         ZeroTrainer,
