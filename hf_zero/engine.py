@@ -539,7 +539,8 @@ class ZeroEngine(nn.Module):
         grad_bytes, optim_bytes (fp32 masters that are not the parameters, optimizer state),
         total_bytes (their sum); and, outside the total, pooled_buffer_bytes: idle
         communication buffers kept for reuse (stage 3's gathered-unit blocks, a few units'
-        worth; stage 1's reduce-scatter scratch on gloo; 0 otherwise)."""
+        worth; stage 1's reduce-scatter scratch on gloo; stages 2-3's gradient bucket buffers
+        between the micro-steps of a no_sync() window; 0 otherwise)."""
         stats = held_bytes(
             params=[p.data for p in (*self._params.values(), *self._whole.values())]
             + self._params_store.held_tensors(),

@@ -16,9 +16,11 @@ accumulates micro-steps in place.
 gradients are all ready, the hook packs them into a transient flat buffer, frees each
 `param.grad`, and starts an async reduce-scatter (in place: this rank's slice of the buffer
 receives the sum); when it lands, that slice is added to the rank's shard and the buffer goes
-back to a pool that serves the later buckets of the same pass and is emptied at its end. At most
-`max_inflight` buckets are in flight, which bounds the transient memory. This runs every
-micro-step, `no_sync()` included. `zero(set_to_none=True)` frees the shards unless they are
+back to a pool that serves the later buckets of the same pass. At most `max_inflight` buckets are
+in flight, which bounds the transient memory. This runs every micro-step, `no_sync()` included.
+A synchronised backward empties the pool at its end, so the step and the next forward hold none
+of it; a backward under `no_sync()` keeps it for the next micro-step's, which packs the same
+buckets (`zero()` empties it too). `zero(set_to_none=True)` frees the shards unless they are
 kept, so forward holds no gradient memory; the next backward creates them again.
 
 Ordering: every rank must issue the same collectives in the same order, even if a parameter gets
@@ -77,30 +79,45 @@ class BackwardTracker:
 
 
 class _BufferPool:
-    """Transient bucket buffers, reused within one backward pass and dropped at its end.
+    """Transient bucket buffers, reused by size within a backward pass and, under `no_sync()`,
+    across the micro-steps of an accumulation window.
 
     A fresh large CPU tensor is fresh pages, and the first write to each page faults, so
     packing into reused buffers is about twice as fast (README, Performance). Buckets of
-    repeated blocks have equal sizes, so a finished bucket's buffer
-    serves a later one: each launch takes the buffer the last retired bucket gave back, so one
-    free buffer (`keep`) is all the pass needs, and a buffer is given back only while a bucket
-    of its size is still to come. None outlive the pass, so forward holds none of them.
+    repeated blocks have equal sizes, so a finished bucket's buffer serves a later one: each
+    launch takes the buffer the last retired bucket gave back, so one free buffer of a size
+    (`keep`) is all a pass needs. The caller decides what is given back and when the pool is
+    cleared (`ShardedGrads`: only what a later bucket, or the window's next backward, takes).
+    `allocated` counts the buffers created: the pool's misses.
     """
 
     def __init__(self, keep: int):
         self.keep = keep
         self._free: list[torch.Tensor] = []
+        self.allocated = 0
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         for i, t in enumerate(self._free):
             if t.numel() == numel and t.dtype == dtype and t.device == device:
                 return self._free.pop(i)
+        self.allocated += 1
         return torch.empty(numel, dtype=dtype, device=device)
 
-    def give(self, t: torch.Tensor) -> None:
+    def give(self, t: torch.Tensor, *, keep: int | None = None) -> None:
+        """Keep `t` for a later `take`; at most `keep` (default `self.keep`) idle buffers of its
+        size, dtype and device are kept, the oldest beyond that dropped."""
+        keep = self.keep if keep is None else keep
+        same = [
+            i
+            for i, f in enumerate(self._free)
+            if f.numel() == t.numel() and f.dtype == t.dtype and f.device == t.device
+        ]
+        if len(same) >= keep:
+            self._free.pop(same[0])
         self._free.append(t)
-        if len(self._free) > self.keep:
-            self._free.pop(0)
+
+    def idle_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._free)
 
     def clear(self) -> None:
         self._free.clear()
@@ -469,6 +486,10 @@ class ShardedGrads(_GradStore):
         self._shared_buffers = buffers is not None
         self._buffers = buffers if buffers is not None else _BufferPool(keep=1)
         self._scratch = _BufferPool(keep=1)  # what gloo's reduce-scatter receives into
+        # Under no_sync() another backward comes before the step and packs the same buckets:
+        # every buffer the pass created is kept for it, as many of a size as were alive at once
+        # (at most max_inflight + 1 where backward blocks; more where it polls, stage 3).
+        self._window_keep = len(_trainable(layout))
         # Bucket sizes still to launch this pass: a retired buffer is kept only for one of them.
         self._sizes_per_pass = Counter(fu.padded_numel for fu in _trainable(layout))
         self._sizes_to_come = Counter(self._sizes_per_pass)
@@ -583,13 +604,24 @@ class ShardedGrads(_GradStore):
         handle.wait()
         if out is not None:
             self.shards[index].add_(out)
-        # Keep the buffers only for a bucket of their size still to come this pass: GPT-2's
-        # last block bucket would otherwise sit through the embedding backward, where memory
-        # peaks.
-        if self._shared_buffers or self._sizes_to_come[packed.numel()] > 0:
+        self._give_back(packed, scratch)
+
+    def _give_back(self, packed: torch.Tensor, scratch: torch.Tensor | None) -> None:
+        """Keep a finished bucket's buffers for a bucket of their size still to come this pass
+        (else GPT-2's last block bucket would sit through the embedding backward, where memory
+        peaks), or, under no_sync(), for the next micro-step's backward: re-faulting them in
+        every micro-step cost stage 2 about 1.3 GB of fresh pages per step of 4 micro-steps on
+        GPT-2 small, more than the extra reductions sent."""
+        window = not self.sync
+        keep = self._window_keep if window else None
+        if self._shared_buffers:
             self._buffers.give(packed)
-            if scratch is not None:
-                self._scratch.give(scratch)
+        elif window or self._sizes_to_come[packed.numel()] > 0:
+            self._buffers.give(packed, keep=keep)
+        else:
+            return
+        if scratch is not None:
+            self._scratch.give(scratch, keep=keep)
 
     def end_backward(self) -> None:
         if self._shared_buffers:
@@ -598,9 +630,8 @@ class ShardedGrads(_GradStore):
             self._buffers.end_pass()
         self.scheduler.flush()
         self._pass_open = False
-        if not self._shared_buffers:
-            self._buffers.clear()
-        self._scratch.clear()
+        if self.sync:  # the step comes next: no buffer outlives it (no_sync: see _give_back)
+            self._drop_buffers()
         self._sizes_to_come = Counter(self._sizes_per_pass)
         self._unit_remaining = dict(self._unit_expected)
 
@@ -617,9 +648,22 @@ class ShardedGrads(_GradStore):
             self._written.add(fu.index)
         return self.shards[fu.index]
 
+    def _drop_buffers(self) -> None:
+        if not self._shared_buffers:
+            self._buffers.clear()
+        self._scratch.clear()
+
+    def pooled_bytes(self) -> int:
+        """Bytes of the bucket buffers kept between the micro-steps of an accumulation window
+        (stage 3's packed buckets live in the gather pool, which the parameters report)."""
+        own = 0 if self._shared_buffers else self._buffers.idle_bytes()
+        return own + self._scratch.idle_bytes()
+
     def zero(self, set_to_none: bool = True) -> None:
         """`set_to_none=True`: the shards are empty until the next backward writes them (and
-        freed unless kept). False: they are zeroed in place and stay written."""
+        freed unless kept). False: they are zeroed in place and stay written. Bucket buffers
+        kept by a window whose last backward ran under no_sync() are freed."""
+        self._drop_buffers()
         if set_to_none:
             self._written.clear()
             if not self.keep_shards:
