@@ -66,6 +66,7 @@ __all__ = [
     "all_gather_row_ids",
     "all_reduce",
     "reduce_scatter",
+    "reduce_scatter_pieces",
     "reduce_scatter_scratch_numel",
     "all_reduce_scalar",
     "all_gather_object",
@@ -450,6 +451,122 @@ def reduce_scatter(
 
     works = Waited(works) if polled else _Works(works)
     return _finish(works, label, group, async_op, add_received)
+
+
+def reduce_scatter_pieces(
+    output: torch.Tensor,
+    pieces: list[torch.Tensor],
+    *,
+    group: ProcessGroupInfo,
+    stats: CommStats,
+    async_op: bool = False,
+    label: str = "reduce-scatter",
+    tag: int = 0,
+    scratch: torch.Tensor | None = None,
+) -> Pending:
+    """`reduce_scatter` of the concatenation of `pieces` (1D tensors of one dtype,
+    world_size * output.numel() elements in all) into a separate `output`, without packing them.
+
+    On gloo each rank sends every other rank the parts of the pieces that fall in that rank's
+    slice, one message per part, and adds the parts that fall in its own slice to what it
+    received, straight from the pieces: no copy of the whole input is made, and no buffer of its
+    size is allocated (on CPU, fresh pages that fault). Every rank cuts the pieces at the same
+    places, so the messages pair up. The sum is formed in the order `reduce_scatter` forms it
+    for a separate output, so the result is bitwise the same. `scratch` as for
+    `reduce_scatter` (`reduce_scatter_scratch_numel(..., in_place=False)`). The pieces must not
+    change until the reduction is waited on. On NCCL, or without a process group, the pieces
+    are packed (one copy) and `reduce_scatter` runs.
+    """
+    n, size, rank = output.numel(), group.world_size, group.rank
+    total = sum(p.numel() for p in pieces)
+    if total != n * size:
+        raise ValueError(
+            f"reduce_scatter_pieces pieces have {total} elements, expected {size} x {n}"
+        )
+    if any(p.dtype != output.dtype or p.device != output.device for p in pieces):
+        raise ValueError(
+            f"reduce_scatter_pieces pieces must be {output.dtype} on {output.device} like output"
+        )
+    if group.group is None or group.backend == "nccl" or size == 1:
+        packed = torch.cat(pieces)
+        return reduce_scatter(
+            output, packed, group=group, stats=stats, async_op=async_op, label=label, tag=tag
+        )
+    want = reduce_scatter_scratch_numel(group, n, in_place=False)
+    if scratch is not None and (
+        scratch.numel() != want or scratch.dtype != output.dtype or scratch.device != output.device
+    ):
+        raise ValueError(
+            f"reduce_scatter scratch must be {want} elements of {output.dtype}; got "
+            f"{scratch.numel()} of {scratch.dtype}"
+        )
+    nbytes = n * output.element_size()
+    stats.add("reduce_scatter", size * nbytes, "send/recv of each rank's slice")
+    stats.hand("reduce_scatter", (size - 1) * nbytes)
+    if scratch is None and want:
+        scratch = output.new_empty(want)
+    parts = _parts_by_slice(pieces, n, size)
+    targets = [output] + (list(scratch.split(n)) if want else [])
+    works = []
+    for k, target in zip(range(1, size), targets):
+        to, frm = (rank + k) % size, (rank - k) % size
+        for j, (_, part) in enumerate(parts[to]):
+            works.append(
+                _issue(
+                    label,
+                    group,
+                    lambda part=part, to=to, j=j: dist.isend(
+                        part, group=group.group, group_dst=to, tag=_part_tag(tag, j)
+                    ),
+                )
+            )
+        for j, (offset, part) in enumerate(parts[rank]):  # this rank's slice, as `frm` cut it
+            dst = target[offset : offset + part.numel()]
+            works.append(
+                _issue(
+                    label,
+                    group,
+                    lambda dst=dst, frm=frm, j=j: dist.irecv(
+                        dst, group=group.group, group_src=frm, tag=_part_tag(tag, j)
+                    ),
+                )
+            )
+
+    def add_received() -> None:
+        for offset, part in parts[rank]:
+            output[offset : offset + part.numel()].add_(part)
+        for chunk in targets[1:]:
+            output.add_(chunk)
+
+    return _finish(_Works(works), label, group, async_op, add_received)
+
+
+def _part_tag(tag: int, j: int) -> int:
+    """The tag of part j of a reduction tagged `tag`: each message of a pair of ranks has its
+    own, since gloo does not pair several messages of one tag in order. Above every plain tag
+    (a bucket index), below 2**31."""
+    if not 0 <= tag < 2**14 or not 0 <= j < 2**16:
+        raise ValueError(f"reduce_scatter_pieces: tag {tag} or part {j} out of range")
+    return ((tag + 1) << 16) | j
+
+
+def _parts_by_slice(
+    pieces: list[torch.Tensor], n: int, size: int
+) -> list[list[tuple[int, torch.Tensor]]]:
+    """For each rank's slice [r*n, (r+1)*n) of the pieces' concatenation: the (offset in the
+    slice, contiguous 1D view) parts of the pieces that fall in it, in order."""
+    parts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(size)]
+    start = 0
+    for piece in pieces:
+        end = start + piece.numel()
+        a = start
+        while a < end:
+            r = a // n
+            b = min(end, (r + 1) * n)
+            parts[r].append((a - r * n, piece[a - start : b - start]))
+            a = b
+        start = end
+    return parts
 
 
 def reduce_scatter_scratch_numel(

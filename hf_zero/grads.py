@@ -13,11 +13,14 @@ accumulates micro-steps in place.
     backward goes on; this rank keeps the summed slice it owns.
 
 `ShardedGrads` (stages 2 and 3): every rank holds only its gradient shard. When a bucket's
-gradients are all ready, the hook packs them into a transient flat buffer, frees each
-`param.grad`, and starts an async reduce-scatter (in place: this rank's slice of the buffer
-receives the sum); when it lands, that slice is added to the rank's shard and the buffer goes
-back to a pool that serves the later buckets of the same pass. At most `max_inflight` buckets are
-in flight, which bounds the transient memory. This runs every micro-step, `no_sync()` included.
+gradients are all ready, the hook starts an async reduce-scatter of them. At stage 2 it sends
+them straight from each `param.grad` (`comm.reduce_scatter_pieces`: no packed copy) and holds
+them until the reduction lands. At stage 3 (and with int8) it packs them into a transient flat
+buffer (stage 3: the block its unit's parameters just gave back) and frees each `param.grad`.
+The first reduction after `zero()` writes the shard itself; a later one lands in a transient
+slice (the packed bucket's own, or scratch) that is then added to the shard. Buffers go back to
+a pool that serves the later buckets of the same pass. At most `max_inflight` buckets are in
+flight, which bounds the transient memory. This runs every micro-step, `no_sync()` included.
 A synchronised backward empties the pool at its end, so the step and the next forward hold none
 of it; a backward under `no_sync()` keeps it for the next micro-step's, which packs the same
 buckets (`zero()` empties it too). `zero(set_to_none=True)` frees the shards unless they are
@@ -341,7 +344,8 @@ class AllReducedGrads(_BoundaryReducedGrads):
 
 
 class _Reduction:
-    """One bucket's reduce-scatter in flight, and what its finish needs."""
+    """One bucket's reduce-scatter in flight, and what its finish needs. `packed`: the packed
+    bucket (a pooled buffer), or the gradient pieces it was sent from, held until it lands."""
 
     __slots__ = ("handle", "out", "packed", "scratch")
 
@@ -517,10 +521,73 @@ class ShardedGrads(_GradStore):
             sparse = self._launch_sparse(fu)
             if sparse is not None:
                 return sparse
+        # The first reduction after `zero()` lands in the shard itself; later micro-steps reduce
+        # into a transient slice and add it to the shard.
+        fresh = index not in self._written
+        self._written.add(index)
+        self._sizes_to_come[fu.padded_numel] -= 1
+        if self._shared_buffers or self.poll or self.quantize is not None:
+            return self._launch_packed(fu, fresh)
+        return self._launch_pieces(fu, fresh)
+
+    def _fresh_shard(self, fu: FlatUnit) -> torch.Tensor:
+        """The shard the first reduction after `zero()` writes: kept from an earlier step
+        (overwritten, never zeroed), or new."""
+        shard = self.shards.get(fu.index)
+        if shard is None:
+            shard = self.shards[fu.index] = torch.empty(
+                fu.shard_numel, dtype=self.dtype, device=self._devices[fu.index]
+            )
+        return shard
+
+    def _launch_pieces(self, fu: FlatUnit, fresh: bool) -> _Reduction:
+        """Stage 2: the bucket is sent straight from the parameters' gradients
+        (`comm.reduce_scatter_pieces`), never packed: no copy of the bucket, and no bucket-sized
+        buffer whose fresh pages fault. Each `param.grad` is held until the reduction lands."""
+        device = self._devices[fu.index]
+        pieces, at = [], 0
+        for spec in sorted(fu.params, key=lambda spec: spec.offset):
+            if spec.offset > at:  # a gap in the layout: zeros
+                pieces.append(torch.zeros(spec.offset - at, dtype=self.dtype, device=device))
+            p = self.params[spec.name]
+            if p.grad is not None:
+                pieces.append(p.grad.reshape(-1).to(self.dtype))
+                p.grad = None
+            else:  # no gradient on this rank: it adds zeros
+                pieces.append(torch.zeros(spec.numel, dtype=self.dtype, device=device))
+            at = spec.offset + spec.numel
+        if fu.padded_numel > at:
+            pieces.append(torch.zeros(fu.padded_numel - at, dtype=self.dtype, device=device))
+        n = fu.shard_numel
+        extra = comm.reduce_scatter_scratch_numel(self.group, n, in_place=False)
+        if fresh:
+            out = self._fresh_shard(fu)
+            scratch = self._scratch.take(extra, self.dtype, device) if extra else None
+            received = scratch
+        else:  # the sum lands in scratch first, then is added to the shard
+            scratch = self._scratch.take(n + extra, self.dtype, device)
+            out, received = scratch[:n], (scratch[n:] if extra else None)
+        handle = comm.reduce_scatter_pieces(
+            out,
+            pieces,
+            group=self.group,
+            stats=self.stats,
+            async_op=True,
+            label=f"gradient reduce-scatter of bucket {fu.index} (backward)",
+            tag=fu.index,
+            scratch=received,
+        )
+        return _Reduction(handle, None if fresh else out, pieces, scratch)
+
+    def _launch_packed(self, fu: FlatUnit, fresh: bool) -> _Reduction:
+        """Stage 3 (its bucket packs into the block its unit's parameters gave back) and int8:
+        the gradients are packed into one flat buffer, then reduce-scattered (in place where
+        the shard already holds this step's gradients: this rank's slice of the bucket receives
+        the sum, then is added to the shard)."""
+        index = fu.index
         # 1D, transient. Only what no gradient fills is zeroed: the padding, and parameters
         # without a gradient on this rank (a full fill would touch the bucket twice).
         packed = self._buffers.take(fu.padded_numel, self.dtype, self._devices[index])
-        self._sizes_to_come[fu.padded_numel] -= 1
         packed[fu.numel :].zero_()
         for spec in fu.params:
             p = self.params[spec.name]
@@ -530,17 +597,8 @@ class ShardedGrads(_GradStore):
                 p.grad = None  # the full gradient is freed as soon as it is packed
             else:
                 dst.zero_()
-        # The first reduction after `zero()` lands in the shard itself; later micro-steps reduce
-        # in place (this rank's slice of the bucket receives the sum) and add it to the shard.
-        fresh = index not in self._written
-        self._written.add(index)
         lo, hi = fu.shard_range(self.group.rank)
-        if not fresh:
-            out = packed[lo:hi]
-        elif index in self.shards:  # kept from an earlier step: overwritten, never zeroed
-            out = self.shards[index]
-        else:
-            out = self.shards[index] = packed.new_empty(hi - lo)
+        out = self._fresh_shard(fu) if fresh else packed[lo:hi]
         n = comm.reduce_scatter_scratch_numel(
             self.group, out.numel(), in_place=not fresh, quantize=self.quantize
         )
@@ -604,22 +662,23 @@ class ShardedGrads(_GradStore):
         handle.wait()
         if out is not None:
             self.shards[index].add_(out)
-        self._give_back(packed, scratch)
+        self._give_back(self.layout.flat_units[index].padded_numel, packed, scratch)
 
-    def _give_back(self, packed: torch.Tensor, scratch: torch.Tensor | None) -> None:
-        """Keep a finished bucket's buffers for a bucket of their size still to come this pass
-        (else GPT-2's last block bucket would sit through the embedding backward, where memory
-        peaks), or, under no_sync(), for the next micro-step's backward: re-faulting them in
-        every micro-step cost stage 2 about 1.3 GB of fresh pages per step of 4 micro-steps on
-        GPT-2 small, more than the extra reductions sent."""
+    def _give_back(self, numel: int, packed, scratch: torch.Tensor | None) -> None:
+        """Keep a finished bucket's buffers (`packed` where it was packed, and `scratch`) for a
+        bucket of its size (`numel`) still to come this pass (else GPT-2's last block bucket
+        would sit through the embedding backward, where memory peaks), or, under no_sync(),
+        for the next micro-step's backward: it reduces the same buckets, and would fault the
+        same buffers in again."""
         window = not self.sync
         keep = self._window_keep if window else None
-        if self._shared_buffers:
-            self._buffers.give(packed)
-        elif window or self._sizes_to_come[packed.numel()] > 0:
-            self._buffers.give(packed, keep=keep)
-        else:
+        if not (self._shared_buffers or window or self._sizes_to_come[numel] > 0):
             return
+        if isinstance(packed, torch.Tensor):
+            if self._shared_buffers:
+                self._buffers.give(packed)
+            else:
+                self._buffers.give(packed, keep=keep)
         if scratch is not None:
             self._scratch.give(scratch, keep=keep)
 

@@ -309,3 +309,59 @@ def test_waited_works_complete_and_raise_on_the_callers_thread():
     assert {w.waited_on for w in ok.works} == {"hf_zero-waiter"}
     with pytest.raises(RuntimeError, match="peer gone"):
         bad.wait()
+
+
+# ---- reduce_scatter_pieces: the same sum, sent straight from the pieces ------------------------
+
+
+def _pieces_worker(rank: int, world_size: int) -> dict:
+    group = comm.resolve_group(None)
+    n = 7  # elements per rank
+    g = torch.Generator().manual_seed(rank)
+    full = torch.randn(n * world_size, generator=g)
+    # Cuts that fall inside slices, on slice boundaries, and a piece spanning several slices;
+    # an empty piece too.
+    cuts = sorted({0, 3, n, n + 1, 2 * n - 1, n * world_size} | {n * world_size // 2})
+    cuts = [c for c in cuts if c <= n * world_size]
+    pieces = [full[a:b].clone() for a, b in zip(cuts, cuts[1:])] + [torch.empty(0)]
+    out = {}
+    stats_packed, stats_pieces = comm.CommStats(), comm.CommStats()
+    expected = torch.empty(n)
+    comm.reduce_scatter(expected, full.clone(), group=group, stats=stats_packed)
+    got = torch.full((n,), float("nan"))
+    pending = comm.reduce_scatter_pieces(
+        got, pieces, group=group, stats=stats_pieces, async_op=True, tag=3
+    )
+    pending.wait()
+    out["expected"], out["got"] = expected, got
+    out["bytes"] = (dict(stats_packed.bytes), dict(stats_pieces.bytes))
+    out["paths"] = (dict(stats_packed.paths), dict(stats_pieces.paths))
+    out["pieces_unchanged"] = torch.equal(torch.cat(pieces), full)
+    errors = {}
+    for name, call in {
+        "total": lambda: comm.reduce_scatter_pieces(
+            torch.empty(n), [full[:-1]], group=group, stats=comm.CommStats()
+        ),
+        "dtype": lambda: comm.reduce_scatter_pieces(
+            torch.empty(n), [full.double()], group=group, stats=comm.CommStats()
+        ),
+    }.items():
+        try:
+            call()
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_reduce_scatter_pieces_equals_reduce_scatter_bit_for_bit(world_size):
+    for r in run_distributed(_pieces_worker, world_size, timeout=120):
+        assert torch.equal(r["got"], r["expected"]), (r["got"], r["expected"])
+        assert r["pieces_unchanged"]
+        assert r["bytes"][0] == r["bytes"][1] and r["paths"][0] == r["paths"][1]
+        assert r["errors"] == {
+            "total": f"reduce_scatter_pieces pieces have {7 * world_size - 1} elements, "
+            f"expected {world_size} x 7",
+            "dtype": "reduce_scatter_pieces pieces must be torch.float32 on cpu like output",
+        }, r["errors"]

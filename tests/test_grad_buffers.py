@@ -82,34 +82,32 @@ def _window_worker(rank: int, world_size: int, stage: int) -> dict:
     engine.step()
     engine.zero_grad()
     out["after_no_sync_step"] = grads.pooled_bytes()
+    out["packed_created"] = 0 if grads._shared_buffers else grads._buffers.allocated
     return out
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_window_reuses_its_bucket_buffers_and_the_step_frees_them(world_size):
-    """Stage 2 at 4 micro-steps: the first two create buffers (the first backward writes the
-    gradient shards, the second reduces in place through gloo's scratch); the third and
-    fourth create none. Without keeping them across micro-steps, each creates the root's
-    bucket again."""
+def test_a_window_reuses_its_reduction_buffers_and_the_step_frees_them(world_size):
+    """4 micro-steps a step. Stage 2 sends its buckets straight from the gradients, so it
+    creates no packed bucket at all; what gloo receives into is created by the first two
+    micro-steps (the first writes the gradient shards, from N=3 through scratch; the second
+    reduces into scratch and adds it to them), and reused by the third and fourth. Without
+    keeping it across micro-steps, each creates it again."""
     for stage in (2, 3):
         for rank, r in enumerate(run_distributed(_window_worker, world_size, stage, timeout=300)):
             where = f"stage {stage}, rank {rank}"
-            created = r["created"]
+            created, pooled = r["created"], r["pooled"]
             if stage == 2:
-                # Micro-steps after the first in-place one reuse everything, in both steps;
-                # the second step's window starts from nothing (the boundary freed them).
                 # Stage 3 polls its reductions, so how many are in flight at once (and so
                 # how many buffers a pass needs) varies from pass to pass.
-                assert created[0] > 0 and created[1] > 0, (where, created)
+                assert r["packed_created"] == 0, where
+                assert created[1] > 0 and (created[0] > 0) == (world_size > 2), (where, created)
                 assert created[2] == created[3] == 0, (where, created)
                 assert created[6] == created[7] == 0, (where, created)
                 assert created[4:6] == created[0:2], (where, created)
-            pooled = r["pooled"]
-            if stage == 2:
-                assert all(b > 0 for b in pooled[0:3] + pooled[4:7]), (where, pooled)
+                assert all(b > 0 for b in pooled[1:3] + pooled[5:7]), (where, pooled)
                 assert r["reported"] == pooled[0], where  # memory_stats() counts them
+                assert r["kept_before_step"] > 0, where
             assert pooled[3] == pooled[7] == 0, (where, pooled)  # the boundary freed them
             assert r["after_step"] == [0, 0], (where, r["after_step"])
-            if stage == 2:
-                assert r["kept_before_step"] > 0, where
             assert r["after_no_sync_step"] == 0, where
