@@ -22,7 +22,7 @@ slice (the packed bucket's own, or scratch) that is then added to the shard. Buf
 a pool that serves the later buckets of the same pass. At most `max_inflight` buckets are in
 flight, which bounds the transient memory. This runs every micro-step, `no_sync()` included.
 A synchronised backward empties the pool at its end, so the step and the next forward hold none
-of it; a backward under `no_sync()` keeps it for the next micro-step's, which packs the same
+of it; a backward under `no_sync()` keeps it for the next micro-step's, which reduces the same
 buckets (`zero()` empties it too). `zero(set_to_none=True)` frees the shards unless they are
 kept, so forward holds no gradient memory; the next backward creates them again.
 
@@ -490,7 +490,7 @@ class ShardedGrads(_GradStore):
         self._shared_buffers = buffers is not None
         self._buffers = buffers if buffers is not None else _BufferPool(keep=1)
         self._scratch = _BufferPool(keep=1)  # what gloo's reduce-scatter receives into
-        # Under no_sync() another backward comes before the step and packs the same buckets:
+        # Under no_sync() another backward comes before the step and reduces the same buckets:
         # every buffer the pass created is kept for it, as many of a size as were alive at once
         # (at most max_inflight + 1 where backward blocks; more where it polls, stage 3).
         self._window_keep = len(_trainable(layout))
